@@ -1,0 +1,23 @@
+"""Methods, one file each on the ``SSLMethod`` base, registered by name."""
+
+from ssl_lib.methods import byol  # noqa: F401  (registers the method)
+from ssl_lib.methods.base import SSLMethod
+from ssl_lib.methods.registry import METHODS
+
+__all__ = ["METHODS", "SSLMethod", "build_method", "load_method"]
+
+
+def build_method(cfg) -> SSLMethod:
+    """Instantiate the method named by ``cfg.method.name`` from a validated config."""
+    return METHODS.get(cfg.method.name)(cfg)
+
+
+def load_method(checkpoint_path: str, map_location: str = "cpu") -> SSLMethod:
+    """Load any method from a checkpoint written by ``ssl-lib train``."""
+    from ssl_lib.checkpoints import read_checkpoint
+
+    ckpt = read_checkpoint(checkpoint_path, map_location)
+    config = ckpt["hyper_parameters"]["config"]
+    method = METHODS.get(config["method"]["name"])(config)
+    method.load_state_dict(ckpt["state_dict"])
+    return method

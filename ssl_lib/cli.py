@@ -1,0 +1,73 @@
+"""The ``ssl-lib`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ssl_lib.checkpoints import CheckpointError
+from ssl_lib.config import ConfigError, list_recipes, load_config
+from ssl_lib.data.datasets import DataError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ssl-lib", description="Nearest-neighbour self-supervised learning."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train a recipe: ssl-lib train RECIPE [key=value ...]")
+    tr.add_argument("recipe", nargs="?", help="recipe file or shipped name (ssl-lib recipes)")
+    tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.1")
+    tr.add_argument("--resume", metavar="RUN_DIR|CKPT", help="continue a run")
+    sub.add_parser("methods", help="list the registered methods")
+    sub.add_parser("recipes", help="list the shipped recipes")
+    sub.add_parser("backbones", help="list the built-in backbones")
+    sub.add_parser("views", help="list the view pipelines")
+    return parser
+
+
+def run(argv: Sequence[str]) -> int:
+    """Run the command line ``argv``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    if args.command == "methods":
+        from ssl_lib.methods import METHODS
+
+        print("\n".join(METHODS.names()))
+    elif args.command == "recipes":
+        print("\n".join(list_recipes()))
+    elif args.command == "backbones":
+        from ssl_lib.models import backbone_names
+
+        print("\n".join(backbone_names() + ["timm:<model name> (needs timm)"]))
+    elif args.command == "views":
+        from ssl_lib.data import VIEWS
+
+        print("\n".join(VIEWS.names()))
+    elif args.command == "train":
+        from ssl_lib.train import resume, train
+
+        if args.resume:
+            overrides = ([args.recipe] if args.recipe else []) + args.overrides
+            resume(args.resume, overrides)
+        elif not args.recipe:
+            raise ConfigError("ssl-lib train needs a RECIPE (or --resume RUN_DIR)")
+        else:
+            train(load_config(args.recipe, args.overrides))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: user errors print one line and exit with status 2."""
+    try:
+        code = run(sys.argv[1:] if argv is None else argv)
+    except USER_ERRORS as err:
+        print(f"ssl-lib: error: {err}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

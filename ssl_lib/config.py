@@ -1,0 +1,320 @@
+"""The typed recipe schema, recipe loading with inheritance, overrides and validation.
+
+A recipe is a YAML file. It may name the recipe(s) it extends with ``base:`` (a path relative
+to the file, or a list of them); the child's values win. ``key=value`` overrides from the
+command line are applied last. Every layer is validated against one schema: the run schema
+with the ``method`` section replaced by the chosen method's own dataclass, so unknown keys and
+wrong types fail before any work starts, naming the file (or override) and the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ssl_lib.models.heads import MLPConfig
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the source, the key and the fix."""
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method has; each method extends this with its own hyper-parameters."""
+
+    name: str = "byol"
+
+
+@dataclass
+class TargetMethodConfig(MethodConfig):
+    """Methods with an EMA target (backbone + projector parameters).
+
+    ``ema_schedule``: ``constant`` (UMBC code: m fixed) or ``cosine`` (BYOL: m rises from
+    ``ema_momentum`` to ``ema_final`` over training, per step). ``shuffle_bn`` shuffles the
+    target's batch across all ranks before its forward pass (MoCo / UMBC shuffle-BN).
+    """
+
+    ema_momentum: float = 0.99
+    ema_schedule: str = "constant"
+    ema_final: float = 1.0
+    shuffle_bn: bool = True
+
+
+@dataclass
+class RunSection:
+    """Where the run folder goes and the global seed."""
+
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+
+
+@dataclass
+class SyntheticConfig:
+    """The procedurally generated default dataset (see ``ssl_lib.data.synthetic``)."""
+
+    num_samples: int = 2000
+    num_classes: int = 10
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Training data.
+
+    ``dataset``: ``synthetic`` | ``image_folder`` (ImageNet layout, ``root`` = the train folder)
+    | ``file_list`` (``file_list`` lines ``relative/path [label]`` under ``root``) | ``cifar10``
+    | ``cifar100`` (torchvision; downloads only with ``download: true``).
+    ``views``: view pipeline names; for asymmetric methods views[0] goes to the online
+    (student / query) network and views[1] to the target (teacher / key) network.
+    ``batch_size`` is the global batch, split evenly over all processes.
+    """
+
+    dataset: str = "synthetic"
+    root: str | None = None
+    file_list: str | None = None
+    download: bool = False
+    image_size: int = 224
+    views: list[str] = field(default_factory=lambda: ["strong", "weak"])
+    batch_size: int = 256
+    num_workers: int = 4
+    max_samples: int | None = None
+    skip_corrupt: bool = False
+    drop_last: bool = True
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    """Backbone name (see ``ssl-lib backbones``) and the MLP heads; ``null`` removes a head."""
+
+    backbone: str = "resnet50"
+    projector: MLPConfig | None = field(default_factory=MLPConfig)
+    predictor: MLPConfig | None = field(default_factory=MLPConfig)
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule.
+
+    ``schedule``: ``cosine_epoch`` (UMBC: per-epoch cosine, 1-based, no warm-up),
+    ``warmup_cosine`` (per-step linear warm-up then cosine to ``final_lr_ratio`` x lr),
+    ``step`` (x ``gamma`` at each epoch in ``milestones``) or ``constant``.
+    ``lr_scaling: linear`` multiplies ``lr`` (and ``lr_biases``) by global batch / 256.
+    ``exclude_bias_and_norm`` removes weight decay (and LARS adaptation) from 1-D parameters;
+    ``lr_biases`` gives those parameters their own learning rate.
+    """
+
+    name: str = "sgd"
+    lr: float = 0.05
+    lr_biases: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    exclude_bias_and_norm: bool = False
+    lars_trust_coefficient: float = 0.001
+    lr_scaling: str = "none"
+    schedule: str = "cosine_epoch"
+    warmup_epochs: float = 0.0
+    final_lr_ratio: float = 0.0
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.2
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings and checkpointing."""
+
+    max_epochs: int = 200
+    max_steps: int = -1
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    log_every_n_steps: int = 10
+    checkpoint_every_n_epochs: int = 10
+    limit_train_batches: Any = None
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    """The whole recipe."""
+
+    run: RunSection = field(default_factory=RunSection)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+CHOICES: dict[str, list[str]] = {
+    "data.dataset": ["synthetic", "image_folder", "file_list", "cifar10", "cifar100"],
+    "optim.name": ["sgd", "lars"],
+    "optim.schedule": ["cosine_epoch", "warmup_cosine", "step", "constant"],
+    "optim.lr_scaling": ["none", "linear"],
+    "method.ema_schedule": ["constant", "cosine"],
+}
+
+
+def resolve_recipe(recipe: str | Path) -> Path:
+    """A recipe given as a path, or as a shipped name such as ``demo/msf``."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    for candidate in (RECIPES_DIR / recipe, RECIPES_DIR / f"{recipe}.yaml"):
+        if candidate.is_file():
+            return candidate
+    names = list_recipes()
+    close = difflib.get_close_matches(str(recipe), names, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(
+        f"recipe '{recipe}' not found: not a file, and not a shipped recipe.{hint} "
+        "Run `ssl-lib recipes` for the list."
+    )
+
+
+def list_recipes() -> list[str]:
+    """Shipped recipe names (relative to ``recipes/``, without ``.yaml``)."""
+    if not RECIPES_DIR.is_dir():
+        return []
+    return sorted(
+        str(p.relative_to(RECIPES_DIR).with_suffix(""))
+        for p in RECIPES_DIR.rglob("*.yaml")
+        if not p.name.startswith("_")
+    )
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got a list")
+    return cfg
+
+
+def _layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """The recipe and its bases, base first, each as (source, raw config)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: recipe inheritance loops back to itself")
+    raw = _load_yaml(path)
+    bases = raw.pop("base", None)
+    layers: list[tuple[str, DictConfig]] = []
+    for base in [bases] if isinstance(bases, str) else list(bases or []):
+        base_path = (path.parent / base).resolve()
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: base recipe '{base}' not found (looked at {base_path})")
+        layers += _layers(base_path, seen + (path,))
+    layers.append((str(path), raw))
+    return layers
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. optim.lr=0.1)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"command-line overrides: {err}") from None
+
+
+def _keys_at(schema: DictConfig, dotted: str) -> list[str]:
+    node: Any = schema
+    for part in dotted.split(".")[:-1]:
+        if not isinstance(node, DictConfig) or part not in node:
+            return []
+        node = node[part]
+    return list(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _merge_layer(schema: DictConfig, source: str, layer: DictConfig) -> DictConfig:
+    try:
+        return OmegaConf.merge(schema, layer)
+    except OmegaConfBaseException as err:
+        key = str(getattr(err, "full_key", "") or "")
+        message = str(err).splitlines()[0]
+        if "not in" in message and key:
+            accepted = _keys_at(schema, key)
+            leaf = key.split(".")[-1]
+            close = difflib.get_close_matches(leaf, accepted, n=3)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(
+                f"{source}: unknown key '{key}'.{hint} Accepted here: {', '.join(accepted)}"
+            ) from None
+        raise ConfigError(f"{source}: invalid value for '{key}': {message}") from None
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value not in allowed:
+            close = difflib.get_close_matches(str(value), allowed, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{key}: '{value}' is not accepted.{hint} Choose from {allowed}")
+
+
+def _check_names(cfg: DictConfig) -> None:
+    from ssl_lib.data.transforms import VIEWS
+    from ssl_lib.models.backbones import BACKBONES
+
+    checks = [("model.backbone", BACKBONES, [cfg.model.backbone])]
+    checks.append(("data.views", VIEWS, list(cfg.data.views)))
+    for key, registry, names in checks:
+        for name in names:
+            if key == "model.backbone" and str(name).startswith("timm:"):
+                continue
+            try:
+                registry.get(name)
+            except KeyError as err:
+                raise ConfigError(f"{key}: {err.args[0]}") from None
+
+
+def build_config(layers: list[tuple[str, DictConfig]], overrides: list[str] = ()) -> DictConfig:
+    """Validate and merge raw layers (and ``key=value`` overrides) into one typed config."""
+    from ssl_lib.methods import METHODS  # methods register their config classes on import
+
+    layers = list(layers)
+    if overrides:
+        layers.append(("command-line override", _parse_overrides(list(overrides))))
+    name = OmegaConf.select(OmegaConf.merge(*[raw for _, raw in layers]), "method.name")
+    if name is None:
+        raise ConfigError(
+            f"{layers[-1][0]}: no method.name given. Available methods: {', '.join(METHODS)}"
+        )
+    try:
+        method_cls = METHODS.get(str(name))
+    except KeyError as err:
+        raise ConfigError(f"method.name: {err.args[0]}") from None
+    cfg = OmegaConf.structured(RunConfig(method=method_cls.config_class()))
+    for source, raw in layers:
+        cfg = _merge_layer(cfg, source, raw)
+    _check_choices(cfg)
+    _check_names(cfg)
+    return cfg
+
+
+def load_config(recipe: str | Path, overrides: list[str] = ()) -> DictConfig:
+    """Load a recipe (path or shipped name) with its bases and overrides, fully validated."""
+    return build_config(_layers(resolve_recipe(recipe)), overrides)
+
+
+def config_from_dict(values: dict, overrides: list[str] = ()) -> DictConfig:
+    """Build a validated config from a Python dict (library use, tests)."""
+    return build_config([("config dict", OmegaConf.create(values))], overrides)

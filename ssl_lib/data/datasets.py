@@ -1,0 +1,221 @@
+"""Datasets yielding ``(views, label, dataset_index)`` and the builders behind ``data.dataset``."""
+
+from __future__ import annotations
+
+import multiprocessing
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Subset
+from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from ssl_lib.data.synthetic import SyntheticPatterns
+
+
+class DataError(ValueError):
+    """The data folder, a file in it, or a file list is unusable; the message says why."""
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image file as RGB (grayscale, palette, RGBA and CMYK are converted)."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit single channel: rescale to 8 bits instead of clipping.
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() or 1.0
+        img = Image.fromarray((arr / hi * 255.0).astype("uint8"))
+    return img.convert("RGB")
+
+
+class ImageList(Dataset):
+    """Images given as ``(path, label)`` pairs; unreadable files fail naming the file.
+
+    With ``skip_corrupt`` an unreadable file is replaced by the next readable one, a warning
+    names it, and :attr:`num_skipped` counts such replacements (across loader workers).
+    """
+
+    def __init__(
+        self, samples: list[tuple[str, int]], classes: list[str], skip_corrupt: bool = False
+    ) -> None:
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+        self.classes = classes
+        self.skip_corrupt = skip_corrupt
+        self._skipped = multiprocessing.get_context("fork").Value("i", 0)
+
+    @property
+    def num_skipped(self) -> int:
+        """Number of unreadable files replaced so far."""
+        return int(self._skipped.value)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        for attempt in range(len(self.samples)):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                return load_rgb(path), label
+            except (OSError, UnidentifiedImageError, ValueError) as err:
+                if not self.skip_corrupt:
+                    raise DataError(
+                        f"cannot read image '{path}': {err}. Remove or replace it, or set "
+                        "data.skip_corrupt=true to skip unreadable files."
+                    ) from None
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+                warnings.warn(f"skipping unreadable image '{path}': {err}", stacklevel=2)
+        raise DataError("no readable image in the dataset")
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMG_EXTENSIONS
+
+
+def image_folder(root: str, skip_corrupt: bool = False) -> ImageList:
+    """An ImageNet-layout folder ``root/<class>/<image>``; checks it before training starts."""
+    base = Path(root)
+    if not base.is_dir():
+        raise DataError(f"data folder '{root}' does not exist (data.root)")
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(
+            f"data folder '{root}' has no class sub-folders; expected {root}/<class>/<image>.jpg"
+        )
+    samples: list[tuple[str, int]] = []
+    for label, cls in enumerate(classes):
+        files = sorted(p for p in (base / cls).rglob("*") if p.is_file() and _is_image(p))
+        if not files:
+            raise DataError(
+                f"class folder '{base / cls}' holds no image files "
+                f"(accepted extensions: {', '.join(IMG_EXTENSIONS)})"
+            )
+        samples += [(str(p), label) for p in files]
+    return ImageList(samples, classes, skip_corrupt)
+
+
+def file_list(root: str, list_file: str, skip_corrupt: bool = False) -> ImageList:
+    """Images listed in ``list_file``, one ``relative/path [label]`` per line, under ``root``.
+
+    Without a label the class is the path's first folder, numbered like ``image_folder(root)``
+    numbers its class folders (so subsets of ImageNet keep ImageNet's label ids).
+    """
+    base, lst = Path(root), Path(list_file)
+    if not base.is_dir():
+        raise DataError(f"data folder '{root}' does not exist (data.root)")
+    if not lst.is_file():
+        raise DataError(f"file list '{list_file}' does not exist (data.file_list)")
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir())
+    index = {c: i for i, c in enumerate(classes)}
+    samples: list[tuple[str, int]] = []
+    for lineno, line in enumerate(lst.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts or parts[0].startswith("#"):
+            continue
+        rel = parts[0]
+        path = base / rel
+        if not path.is_file():
+            raise DataError(f"{list_file}:{lineno}: image '{rel}' not found under '{root}'")
+        if len(parts) > 1:
+            try:
+                label = int(parts[1])
+            except ValueError:
+                raise DataError(
+                    f"{list_file}:{lineno}: label '{parts[1]}' is not an integer"
+                ) from None
+            if classes and not 0 <= label < len(classes):
+                raise DataError(
+                    f"{list_file}:{lineno}: label {label} outside 0..{len(classes) - 1}"
+                )
+        else:
+            cls = Path(rel).parts[0]
+            if cls not in index:
+                raise DataError(
+                    f"{list_file}:{lineno}: class folder '{cls}' of '{rel}' is not a class "
+                    f"of '{root}'"
+                )
+            label = index[cls]
+        samples.append((str(path), label))
+    if not samples:
+        raise DataError(f"file list '{list_file}' names no images")
+    return ImageList(samples, classes, skip_corrupt)
+
+
+def _cifar(cls: type, root: str | None, train: bool, download: bool) -> Dataset:
+    if root is None:
+        raise DataError(f"data.root must name the folder holding {cls.__name__} (or to create)")
+    try:
+        return cls(root, train=train, download=download)
+    except RuntimeError as err:
+        raise DataError(
+            f"{cls.__name__} not found under '{root}' ({err}). Set data.download=true to "
+            "download it, or point data.root at an existing copy."
+        ) from None
+
+
+def build_base_dataset(cfg, train: bool = True, root: str | None = None) -> Dataset:
+    """The dataset named by a ``data`` config section, yielding ``(PIL image, label)``."""
+    root = root if root is not None else cfg.root
+    kind = cfg.dataset
+    if kind == "synthetic":
+        s = cfg.synthetic
+        # A disjoint, equally distributed evaluation split: same generator, another seed.
+        seed = s.seed if train else s.seed + 1_000_003
+        return SyntheticPatterns(s.num_samples, s.num_classes, cfg.image_size, seed)
+    if kind == "image_folder":
+        if root is None:
+            raise DataError("data.root must name the image folder (root/<class>/<image>)")
+        return image_folder(root, cfg.skip_corrupt)
+    if kind == "file_list":
+        if root is None or cfg.file_list is None:
+            raise DataError("data.dataset=file_list needs data.root and data.file_list")
+        return file_list(root, cfg.file_list, cfg.skip_corrupt)
+    if kind in ("cifar10", "cifar100"):
+        return _cifar(CIFAR10 if kind == "cifar10" else CIFAR100, root, train, cfg.download)
+    raise DataError(f"unknown data.dataset '{kind}'")
+
+
+def subsample(ds: Dataset, max_samples: int | None, seed: int = 0) -> Dataset:
+    """A seeded random subset of ``max_samples`` items (the whole dataset if ``None``)."""
+    if max_samples is None or max_samples >= len(ds):
+        return ds
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(len(ds), generator=g)[:max_samples].sort().values.tolist()
+    sub = Subset(ds, keep)
+    sub.targets = [ds.targets[i] for i in keep]  # type: ignore[attr-defined]
+    sub.classes = ds.classes  # type: ignore[attr-defined]
+    return sub
+
+
+class IndexedDataset(Dataset):
+    """Wraps a ``(image, label)`` dataset to yield ``(transform(image), label, index)``.
+
+    ``index`` is the position in this dataset: memory banks and per-image caches key on it.
+    """
+
+    def __init__(self, base: Dataset, transform: Callable) -> None:
+        self.base = base
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        img, label = self.base[index]
+        return self.transform(img), int(label), index
+
+    @property
+    def targets(self) -> list[int]:
+        return list(self.base.targets)  # type: ignore[attr-defined]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.base.classes)  # type: ignore[attr-defined]

@@ -1,0 +1,111 @@
+"""View pipelines by name: weak, strong (MoCo v2 aug+), BYOL views 1/2, Barlow Twins views A/B,
+and the evaluation transform; each at any size (224 px for ImageNet, 32 px for CIFAR).
+
+At 64 px and below Gaussian blur is disabled (it destroys 32 px images; the CIFAR recipes of
+the peer libraries do the same) and the evaluation transform does not resize.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
+from PIL import ImageFilter
+from torchvision.transforms import v2
+
+from ssl_lib.registry import Registry
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SMALL_IMAGE = 64
+
+VIEWS: Registry[Callable[[int], Callable]] = Registry("view pipeline")
+
+
+class PILGaussianBlur:
+    """Gaussian blur with sigma ~ U[lo, hi] applied as PIL's radius (the MoCo v2 / UMBC code)."""
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+        self.sigma = sigma
+
+    def __call__(self, img):
+        s = torch.empty(1).uniform_(*self.sigma).item()
+        return img.filter(ImageFilter.GaussianBlur(radius=s))
+
+
+def _finish() -> list:
+    return [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ]
+
+
+@VIEWS.register("weak")
+def weak(size: int) -> v2.Compose:
+    """Random resized crop (scale 0.2-1) and horizontal flip (UMBC ``aug_weak``)."""
+    return v2.Compose(
+        [v2.RandomResizedCrop(size, scale=(0.2, 1.0)), v2.RandomHorizontalFlip(), *_finish()]
+    )
+
+
+@VIEWS.register("strong")
+def strong(size: int) -> v2.Compose:
+    """MoCo v2 aug+: crop 0.2-1, jitter(0.4,0.4,0.4,0.1) p=0.8, gray p=0.2, blur p=0.5, flip.
+
+    The flip comes after the blur, as in the MoCo / UMBC code.
+    """
+    ops: list = [
+        v2.RandomResizedCrop(size, scale=(0.2, 1.0)),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+    ]
+    if size > SMALL_IMAGE:
+        ops.append(v2.RandomApply([PILGaussianBlur((0.1, 2.0))], p=0.5))
+    ops.append(v2.RandomHorizontalFlip())
+    return v2.Compose(ops + _finish())
+
+
+def _byol_kwargs(size: int) -> dict:
+    kwargs: dict = {"input_size": size, "normalize": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}}
+    if size <= SMALL_IMAGE:
+        kwargs["gaussian_blur"] = 0.0
+    return kwargs
+
+
+# lightly's BYOL views equal the BYOL paper's (crop 0.08-1, flip, jitter 0.4/0.4/0.2/0.1 at
+# p=0.8, gray 0.2, blur p=1.0 / 0.1, solarize p=0.0 / 0.2), so they are reused. Barlow Twins
+# uses exactly the same two pipelines (its views A and B).
+@VIEWS.register("byol1")
+def byol1(size: int) -> BYOLView1Transform:
+    """BYOL view 1 (blur always, no solarisation)."""
+    return BYOLView1Transform(**_byol_kwargs(size))
+
+
+@VIEWS.register("byol2")
+def byol2(size: int) -> BYOLView2Transform:
+    """BYOL view 2 (blur p=0.1, solarisation p=0.2)."""
+    return BYOLView2Transform(**_byol_kwargs(size))
+
+
+VIEWS.register("bt_a")(byol1)
+VIEWS.register("bt_b")(byol2)
+
+
+@VIEWS.register("eval")
+def eval_transform(size: int) -> v2.Compose:
+    """Resize (size / 0.875) + centre crop; at 64 px and below a plain resize + centre crop."""
+    resize = size if size <= SMALL_IMAGE else round(size / 0.875)
+    return v2.Compose([v2.Resize(resize), v2.CenterCrop(size), *_finish()])
+
+
+class MultiView:
+    """Applies each pipeline to the same image, returning the list of views."""
+
+    def __init__(self, names: list[str], size: int) -> None:
+        self.names = list(names)
+        self.transforms = [VIEWS.get(n)(size) for n in names]
+
+    def __call__(self, img) -> list[torch.Tensor]:
+        return [t(img) for t in self.transforms]

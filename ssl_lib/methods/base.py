@@ -1,0 +1,145 @@
+"""``SSLMethod``: the LightningModule every method extends.
+
+It owns the backbone, the optional projector / predictor and the optional EMA target
+(a copy of backbone + projector), and does everything the methods share: optimiser and
+schedules, the EMA update, logging and ``forward(x)`` = backbone features. A method implements
+:meth:`SSLMethod.compute_loss` (how the views flow and which pure loss applies).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightly.models.utils import update_momentum
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from ssl_lib.config import MethodConfig, config_from_dict
+from ssl_lib.models import build_backbone, build_mlp
+from ssl_lib.optim import build_optimizer, ema_momentum, lr_factor
+
+
+class SSLMethod(pl.LightningModule):
+    """Base class. Subclasses set ``config_class`` and implement ``compute_loss``.
+
+    Class attributes:
+        config_class: the dataclass of the method's ``method:`` config section.
+        needs_predictor: the method uses ``model.predictor``.
+        uses_target: the method keeps an EMA target of backbone + projector.
+    """
+
+    config_class: type[MethodConfig] = MethodConfig
+    needs_predictor: bool = False
+    uses_target: bool = False
+
+    def __init__(self, config: DictConfig | dict[str, Any]) -> None:
+        super().__init__()
+        cfg = config if isinstance(config, DictConfig) else config_from_dict(config)
+        self.cfg = cfg
+        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
+        self.backbone = build_backbone(cfg.model.backbone)
+        proj_cfg = cfg.model.projector
+        self.projector = build_mlp(self.backbone.feat_dim, proj_cfg) if proj_cfg else nn.Identity()
+        self.embed_dim = proj_cfg.out_dim if proj_cfg else self.backbone.feat_dim
+        self.predictor: nn.Module = nn.Identity()
+        if self.needs_predictor:
+            if cfg.model.predictor is None:
+                raise ValueError(f"method '{cfg.method.name}' needs model.predictor (got null)")
+            self.predictor = build_mlp(self.embed_dim, cfg.model.predictor)
+        if self.uses_target:
+            self.target = nn.ModuleDict(
+                {
+                    "backbone": copy.deepcopy(self.backbone),
+                    "projector": copy.deepcopy(self.projector),
+                }
+            )
+            self.target.requires_grad_(False)
+
+    # ----------------------------------------------------------------- networks
+    def forward(self, x: Tensor) -> Tensor:
+        """Backbone features: what evaluators probe."""
+        return self.backbone(x)
+
+    def project(self, x: Tensor) -> Tensor:
+        """Online backbone + projector."""
+        return self.projector(self.backbone(x))
+
+    @torch.no_grad()
+    def target_project(self, x: Tensor) -> Tensor:
+        """Target (EMA) backbone + projector, without gradients, in train mode (own BN stats)."""
+        return self.target["projector"](self.target["backbone"](x))
+
+    def online_modules(self) -> list[nn.Module]:
+        """The modules the target averages: backbone and projector."""
+        return [self.backbone, self.projector]
+
+    def trainable_modules(self) -> list[nn.Module]:
+        """Modules whose parameters the optimiser updates (everything but the target)."""
+        return [m for name, m in self.named_children() if name != "target"]
+
+    # ----------------------------------------------------------------- training
+    def compute_loss(
+        self, views: list[Tensor], labels: Tensor, index: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Return the loss and extra values to log. Implemented by each method."""
+        raise NotImplementedError
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.trainer.estimated_stepping_batches)
+
+    def current_ema_momentum(self) -> float:
+        m = self.cfg.method
+        return ema_momentum(
+            m.ema_schedule, m.ema_momentum, m.ema_final, self.global_step, self.total_steps
+        )
+
+    def update_target(self) -> None:
+        """EMA step, run before the target's forward pass (as the UMBC code does)."""
+        momentum = self.current_ema_momentum()
+        # lightly's update_momentum averages parameters only, as the UMBC code does.
+        update_momentum(self.backbone, self.target["backbone"], momentum)
+        update_momentum(self.projector, self.target["projector"], momentum)
+        self.log("train/ema_momentum", momentum)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        views, labels, index = batch
+        if self.uses_target:
+            self.update_target()
+        loss, extra = self.compute_loss(views, labels, index)
+        batch_size = views[0].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        for key, value in extra.items():
+            self.log(f"train/{key}", value, batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def configure_optimizers(self) -> dict:
+        cfg = self.cfg.optim
+        optimizer = build_optimizer(self.trainable_modules(), cfg, self.cfg.data.batch_size)
+        total = self.total_steps  # also makes Lightning count the training batches
+        steps_per_epoch = self.trainer.num_training_batches
+        if not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
+            steps_per_epoch = total
+        max_epochs = max(1, -(-total // steps_per_epoch))
+
+        def factor(step: int) -> float:
+            return lr_factor(
+                cfg.schedule,
+                step,
+                steps_per_epoch,
+                max_epochs,
+                warmup_epochs=cfg.warmup_epochs,
+                final_ratio=cfg.final_lr_ratio,
+                milestones=cfg.milestones,
+                gamma=cfg.gamma,
+            )
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -1,0 +1,140 @@
+"""Running a recipe: the run folder, the Trainer, checkpoints, TensorBoard and metrics JSON.
+
+A run folder holds everything about one run::
+
+    runs/<name>/config.yaml          resolved config (what actually ran)
+    runs/<name>/checkpoints/         last.ckpt and epochNNNN.ckpt every N epochs
+    runs/<name>/tensorboard/         TensorBoard event files
+    runs/<name>/metrics.json         per-epoch history and the final values
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from ssl_lib.config import ConfigError, build_config
+from ssl_lib.data import SSLDataModule
+from ssl_lib.methods import build_method
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class MetricsJSON(pl.Callback):
+    """Writes ``metrics.json``: one record per epoch plus the latest values."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.history: list[dict] = []
+        if path.is_file():  # resuming: keep the earlier epochs
+            self.history = json.loads(path.read_text()).get("history", [])
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        record = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        for key, value in trainer.callback_metrics.items():
+            value = float(value)
+            record[key] = value if math.isfinite(value) else str(value)
+        self.history = [r for r in self.history if r["epoch"] < trainer.current_epoch] + [record]
+        atomic_write_text(
+            self.path, json.dumps({"history": self.history, "final": record}, indent=2)
+        )
+
+
+def new_run_dir(cfg: DictConfig) -> Path:
+    """``output_dir/name``, or ``name_1``, ``name_2``... so an earlier run is never overwritten."""
+    base = Path(cfg.run.output_dir) / cfg.run.name
+    path, n = base, 0
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}_{n}")
+    return path
+
+
+def find_resume(target: str) -> tuple[Path, Path]:
+    """(run folder, checkpoint) for ``--resume RUN_DIR`` or ``--resume path/to.ckpt``."""
+    path = Path(target)
+    if path.is_dir():
+        ckpt = path / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            raise ConfigError(f"run folder '{path}' has no checkpoints/last.ckpt to resume from")
+        return path, ckpt
+    if path.is_file():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"no config.yaml in '{run_dir}' (the run folder of '{path}')")
+        return run_dir, path
+    raise ConfigError(f"--resume '{target}': no such run folder or checkpoint")
+
+
+def train(cfg: DictConfig, run_dir: Path | None = None, resume_from: Path | None = None) -> Path:
+    """Train ``cfg`` in ``run_dir`` (a new folder if ``None``); return the run folder."""
+    pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    datamodule = SSLDataModule(cfg.data, cfg.run.seed)
+    datamodule.check()  # bad data fails here, before any run folder exists
+    method = build_method(cfg)
+
+    run_dir = run_dir if run_dir is not None else new_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume_from is None:
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    ckpt_dir = run_dir / "checkpoints"
+    t = cfg.trainer
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_epochs=1),
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="epoch{epoch:04d}",
+            auto_insert_metric_name=False,
+            every_n_epochs=t.checkpoint_every_n_epochs,
+            save_top_k=-1,
+        ),
+        MetricsJSON(run_dir / "metrics.json"),
+    ]
+    trainer = pl.Trainer(
+        default_root_dir=run_dir,
+        logger=TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard"),
+        callbacks=callbacks,
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        log_every_n_steps=t.log_every_n_steps,
+        limit_train_batches=t.limit_train_batches,
+        enable_progress_bar=t.progress_bar,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(method, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    if trainer.is_global_zero:
+        print(f"run folder:   {run_dir}")
+        print(f"config:       {run_dir / 'config.yaml'}")
+        print(f"checkpoint:   {ckpt_dir / 'last.ckpt'}")
+        print(f"metrics:      {run_dir / 'metrics.json'}")
+        print(f"tensorboard:  tensorboard --logdir {run_dir / 'tensorboard'}")
+    return run_dir
+
+
+def resume(target: str, overrides: list[str] = ()) -> Path:
+    """Continue a run from its folder's last checkpoint (or a given checkpoint)."""
+    run_dir, ckpt = find_resume(target)
+    source = str(run_dir / "config.yaml")
+    cfg = build_config([(source, OmegaConf.load(source))], overrides)
+    if overrides:
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    return train(cfg, run_dir=run_dir, resume_from=ckpt)

@@ -1,0 +1,57 @@
+"""Shared fixtures: the real CIFAR-10 images beside the checkout and small configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ssl_lib.config import config_from_dict
+
+CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+
+@pytest.fixture
+def cifar10_root() -> Path:
+    """``../shared/data/cifar10`` (ImageFolder layout). CI requires it to exist."""
+    if not (CIFAR10 / "train").is_dir():
+        if os.environ.get("SSL_LIB_REQUIRE_SHARED_DATA"):
+            pytest.fail(f"real test images missing: {CIFAR10}")
+        pytest.skip(f"real test images not present at {CIFAR10}")
+    return CIFAR10
+
+
+def tiny_config(method_name: str = "byol", **sections) -> dict:
+    """A config dict for a tiny CPU model on synthetic 32 px data; ``sections`` override."""
+    cfg = {
+        "run": {"name": "test", "seed": 0},
+        "method": {"name": method_name},
+        "model": {
+            "backbone": "tiny_cnn",
+            "projector": {"hidden_dim": 32, "out_dim": 16},
+            "predictor": {"hidden_dim": 32, "out_dim": 16},
+        },
+        "data": {
+            "dataset": "synthetic",
+            "image_size": 32,
+            "batch_size": 16,
+            "num_workers": 0,
+            "synthetic": {"num_samples": 64},
+        },
+        "optim": {"lr": 0.05},
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "progress_bar": False},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    return cfg
+
+
+@pytest.fixture
+def make_config():
+    """Factory for validated tiny configs: ``make_config(method_name, section={...}, ...)``."""
+
+    def make(method_name: str = "byol", overrides: list[str] = (), **sections):
+        return config_from_dict(tiny_config(method_name, **sections), list(overrides))
+
+    return make

@@ -1,0 +1,95 @@
+"""The ``ssl-lib`` command: listing, training on real images, resuming, and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ssl_lib.cli import main
+from ssl_lib.methods import load_method
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ssl_lib.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_listings():
+    out = cli("methods")
+    assert out.returncode == 0 and "byol" in out.stdout.split()
+    out = cli("recipes")
+    assert "demo/byol" in out.stdout.split() and "imagenet/byol_asym" in out.stdout.split()
+    assert "resnet18_cifar" in cli("backbones").stdout.split()
+
+
+def run_main(*args: str) -> int:
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    return exc.value.code
+
+
+def test_train_on_real_images_then_resume(tmp_path, cifar10_root, capsys):
+    common = [
+        "data.dataset=image_folder",
+        f"data.root={cifar10_root / 'train'}",
+        "data.max_samples=96",
+        "data.batch_size=32",
+        "data.num_workers=0",
+        "model.backbone=tiny_cnn",
+        "model.projector.hidden_dim=32",
+        "model.projector.out_dim=16",
+        "model.predictor.hidden_dim=32",
+        "model.predictor.out_dim=16",
+        "trainer.accelerator=cpu",
+        "trainer.progress_bar=false",
+        f"run.output_dir={tmp_path}",
+        "run.name=cifar",
+    ]
+    assert run_main("train", "demo/byol", "trainer.max_epochs=1", *common) == 0
+    run_dir = tmp_path / "cifar"
+    out = capsys.readouterr().out
+    assert f"run folder:   {run_dir}" in out and "last.ckpt" in out
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 3
+    assert (run_dir / "config.yaml").is_file() and any((run_dir / "tensorboard").iterdir())
+
+    assert run_main("train", "--resume", str(run_dir), "trainer.max_epochs=2") == 0
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 6
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    assert [r["epoch"] for r in history] == [0, 1]
+    assert all("train/loss" in r for r in history)
+    model = load_method(str(run_dir / "checkpoints" / "last.ckpt"))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, model.backbone.feat_dim)
+    # a second run of the same name never overwrites the first
+    assert run_main("train", "demo/byol", "trainer.max_epochs=1", *common) == 0
+    assert (tmp_path / "cifar_1" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["demo/byol", "optim.lrr=1"], "unknown key 'optim.lrr'. Did you mean 'lr'"),
+        (["demo/byol", "optim.lr=fast"], "invalid value for 'optim.lr'"),
+        (["demo/byol", "method.name=nope"], "unknown method 'nope'"),
+        (["demo/byol", "model.backbone=resnet"], "unknown backbone 'resnet'"),
+        (
+            ["demo/byol", "data.dataset=image_folder", "data.root=/no/such/dir"],
+            "data folder '/no/such/dir' does not exist",
+        ),
+        (["demo/byol", "data.batch_size=4096"], "larger than the dataset"),
+        (["--resume", "/no/such/run"], "no such run folder"),
+    ],
+)
+def test_bad_input_gives_one_line_error(tmp_path, args, expected):
+    out = cli("train", *args, f"run.output_dir={tmp_path}", "trainer.accelerator=cpu")
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ssl-lib: error:"), out.stderr[-2000:]
+    assert expected in lines[0]
+    assert not any(tmp_path.iterdir())  # nothing written for a run that could not start

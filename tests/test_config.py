@@ -1,0 +1,84 @@
+"""Recipe loading, inheritance, overrides and the errors for bad recipes."""
+
+from __future__ import annotations
+
+import pytest
+
+from ssl_lib.config import ConfigError, list_recipes, load_config
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_every_shipped_recipe_loads():
+    names = list_recipes()
+    assert "demo/byol" in names and "imagenet/byol" in names and "cifar10/byol" in names
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.method.name
+
+
+def test_base_inheritance_and_overrides(tmp_path):
+    write(tmp_path / "base.yaml", "method: {name: byol}\noptim: {lr: 0.5, momentum: 0.8}\n")
+    child = write(tmp_path / "child.yaml", "base: base.yaml\noptim: {lr: 0.1}\n")
+    cfg = load_config(child, ["optim.weight_decay=0.01", "method.symmetric=true"])
+    assert cfg.optim.lr == 0.1 and cfg.optim.momentum == 0.8
+    assert cfg.optim.weight_decay == 0.01 and cfg.method.symmetric is True
+
+
+def test_unknown_key_names_file_and_close_match(tmp_path):
+    bad = write(tmp_path / "bad.yaml", "method: {name: byol}\noptim: {lrr: 0.1}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    msg = str(err.value)
+    assert str(bad) in msg and "optim.lrr" in msg and "'lr'" in msg
+
+
+def test_unknown_method_key_uses_method_schema(tmp_path):
+    bad = write(tmp_path / "bad.yaml", "method: {name: byol, symetric: true}\n")
+    with pytest.raises(ConfigError, match="symmetric"):
+        load_config(bad)
+
+
+def test_wrong_type(tmp_path):
+    bad = write(tmp_path / "bad.yaml", "method: {name: byol}\noptim: {lr: fast}\n")
+    with pytest.raises(ConfigError, match=r"optim\.lr.*fast"):
+        load_config(bad)
+
+
+def test_override_errors_name_the_command_line(tmp_path):
+    ok = write(tmp_path / "ok.yaml", "method: {name: byol}\n")
+    with pytest.raises(ConfigError, match="command-line override.*trainer.max_epoch"):
+        load_config(ok, ["trainer.max_epoch=3"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(ok, ["optim.lr"])
+
+
+def test_yaml_syntax_error_has_line(tmp_path):
+    bad = write(tmp_path / "bad.yaml", "method:\n  name: byol\noptim: {lr: [0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert f"{bad}:4" in str(err.value) or f"{bad}:3" in str(err.value)
+    assert "YAML syntax error" in str(err.value)
+
+
+def test_unknown_names_list_choices(tmp_path):
+    cfg = write(tmp_path / "c.yaml", "method: {name: byl}\n")
+    with pytest.raises(ConfigError, match="Did you mean 'byol'.*Available: .*byol"):
+        load_config(cfg)
+    cfg = write(tmp_path / "c.yaml", "method: {name: byol}\nmodel: {backbone: resnet19}\n")
+    with pytest.raises(ConfigError, match="model.backbone.*resnet18.*Available"):
+        load_config(cfg)
+    cfg = write(tmp_path / "c.yaml", "method: {name: byol}\ndata: {views: [strong, waek]}\n")
+    with pytest.raises(ConfigError, match="'weak'"):
+        load_config(cfg)
+    cfg = write(tmp_path / "c.yaml", "method: {name: byol}\noptim: {name: adam}\n")
+    with pytest.raises(ConfigError, match=r"optim.name.*\['sgd', 'lars'\]"):
+        load_config(cfg)
+
+
+def test_missing_recipe_suggests(tmp_path):
+    with pytest.raises(ConfigError, match="demo/byol"):
+        load_config("demo/byl")
