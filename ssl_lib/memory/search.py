@@ -94,14 +94,30 @@ class Constraint(ABC):
 _EMPTY = torch.empty(0, dtype=torch.long)
 
 
-def _same_value_mask(query_values: Tensor, bank_values: Tensor) -> Tensor:
-    q = query_values.to(bank_values.device).view(-1, 1)
-    b = bank_values.view(1, -1)
-    return ((q == b) & (b >= 0)) | (q < 0)
+class _SameValue(Constraint):
+    """Rows whose payload equals the query's value; negative values follow :class:`SameLabel`."""
+
+    payload: str
+
+    @abstractmethod
+    def query_values(self) -> Tensor:
+        """Per-query values compared with the payload."""
+
+    @property
+    def num_queries(self) -> int:
+        return self.query_values().shape[0]
+
+    def payload_names(self) -> tuple[str, ...]:
+        return (self.payload,)
+
+    def chunk_mask(self, payloads: Mapping[str, Tensor], start: int, end: int) -> Tensor:
+        bank_values = payloads[self.payload][start:end].view(1, -1)
+        q = self.query_values().to(bank_values.device).view(-1, 1)
+        return ((q == bank_values) & (bank_values >= 0)) | (q < 0)
 
 
 @dataclass(eq=False)
-class SameLabel(Constraint):
+class SameLabel(_SameValue):
     """Allow bank rows whose payload ``payload`` equals the query's label (supervised CMSF).
 
     Bank rows with a negative label (never written, or stored as "unknown") match no labelled
@@ -113,34 +129,20 @@ class SameLabel(Constraint):
     payload: str = "labels"
     strict: bool = False
 
-    @property
-    def num_queries(self) -> int:
-        return self.query_labels.shape[0]
-
-    def payload_names(self) -> tuple[str, ...]:
-        return (self.payload,)
-
-    def chunk_mask(self, payloads: Mapping[str, Tensor], start: int, end: int) -> Tensor:
-        return _same_value_mask(self.query_labels, payloads[self.payload][start:end])
+    def query_values(self) -> Tensor:
+        return self.query_labels
 
 
 @dataclass(eq=False)
-class SameCluster(Constraint):
+class SameCluster(_SameValue):
     """Allow bank rows in the query's cluster (CMSF-KM); same -1 rules as :class:`SameLabel`."""
 
     query_clusters: Tensor
     payload: str = "clusters"
     strict: bool = False
 
-    @property
-    def num_queries(self) -> int:
-        return self.query_clusters.shape[0]
-
-    def payload_names(self) -> tuple[str, ...]:
-        return (self.payload,)
-
-    def chunk_mask(self, payloads: Mapping[str, Tensor], start: int, end: int) -> Tensor:
-        return _same_value_mask(self.query_clusters, payloads[self.payload][start:end])
+    def query_values(self) -> Tensor:
+        return self.query_clusters
 
 
 @dataclass(eq=False)
