@@ -12,10 +12,11 @@ Backends
     On CUDA tensors with a GPU build of faiss, ``faiss.bfKnn`` runs on the tensor memory itself.
     faiss cannot mask, so constrained searches always use the torch backend.
 ``auto``
-    CPU: ``faiss`` when it is installed and the embedding dimension is at least
-    ``FAISS_MIN_DIM`` (faiss's blocked GEMM + heap was faster than the torch path for D=512 and
-    slower for D=128 on a 2-core x86 CPU, see ``docs/memory_bank.md``); otherwise ``torch``.
-    CUDA: ``torch`` (cuBLAS GEMM + ``topk``; faiss-GPU timings have not been measured).
+    ``torch`` on every device. On the 2-core x86 CPU used for ``docs/memory_bank.md``, faiss's
+    search was faster than the torch path only at D=512 on an otherwise idle machine, and 2-3x
+    slower whenever other work shared the cores (faiss runs its own OpenMP/OpenBLAS thread pool
+    next to PyTorch's, which a training process always has busy). On CUDA, cuBLAS GEMM + ``topk``
+    is used; faiss-GPU timings have not been measured. Use ``backend="faiss"`` explicitly to opt in.
 
 Similarities are plain inner products in float32; they are cosine similarities when the bank
 rows and the queries are L2-normalised.
@@ -32,7 +33,6 @@ import torch
 from torch import Tensor
 
 BACKENDS = ("auto", "torch", "faiss")
-FAISS_MIN_DIM = 256
 MaskFn = Callable[[int, int], Tensor]
 """``mask_fn(start, end)`` -> bool ``B x (end - start)``: True where bank row is allowed."""
 
@@ -218,22 +218,17 @@ def faiss_gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources")
 
 
-def resolve_backend(backend: str, device: torch.device, dim: int, masked: bool) -> str:
+def resolve_backend(backend: str, device: torch.device, masked: bool) -> str:
     """Concrete backend (``"torch"`` or ``"faiss"``) for a search; see the module docstring."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
-    if masked:
+    if backend != "faiss" or masked:
         return "torch"
-    on_cuda = device.type == "cuda"
-    if backend == "faiss":
-        if not faiss_available():
-            raise ValueError("backend 'faiss' requested but faiss is not installed")
-        if on_cuda and not faiss_gpu_available():
-            raise ValueError("backend 'faiss' on CUDA tensors needs a GPU build of faiss")
-        return "faiss"
-    if backend == "auto" and not on_cuda and dim >= FAISS_MIN_DIM and faiss_available():
-        return "faiss"
-    return "torch"
+    if not faiss_available():
+        raise ValueError("backend 'faiss' requested but faiss is not installed")
+    if device.type == "cuda" and not faiss_gpu_available():
+        raise ValueError("backend 'faiss' on CUDA tensors needs a GPU build of faiss")
+    return "faiss"
 
 
 class _RunningTopK:
@@ -267,10 +262,33 @@ def _blocks(bank: Tensor, chunk_size: int, whole_if_fp32: bool = False):
         yield start, bank[start : start + chunk_size].float()
 
 
+_CPU_WORKSPACE: dict[str, Tensor] = {}
+
+
+def _score_buffer(rows: int, cols: int, device: torch.device) -> Tensor:
+    """Float32 ``rows x cols`` scratch for score blocks.
+
+    On CPU one buffer is kept between calls: allocating a fresh multi-megabyte block every step
+    costs page faults comparable to the top-k itself. CUDA's caching allocator already reuses
+    memory, so there a new tensor is returned.
+    """
+    if device.type != "cpu":
+        return torch.empty(rows, cols, device=device)
+    buf = _CPU_WORKSPACE.get("scores")
+    if buf is None or buf.numel() < rows * cols:
+        buf = _CPU_WORKSPACE["scores"] = torch.empty(rows * cols)
+    return buf[: rows * cols].view(rows, cols)
+
+
+def _scores(q: Tensor, block: Tensor) -> Tensor:
+    """``q @ block.T`` written into the scratch buffer."""
+    return torch.mm(q, block.T, out=_score_buffer(q.shape[0], block.shape[0], q.device))
+
+
 def _torch_search(bank: Tensor, q: Tensor, k: int, chunk_size: int) -> tuple[Tensor, Tensor]:
     top = _RunningTopK(k)
     for start, block in _blocks(bank, chunk_size):
-        top.add_scores(q @ block.T, start)
+        top.add_scores(_scores(q, block), start)
     return top.values, top.indices
 
 
@@ -340,7 +358,7 @@ def _masked_search(
     fallback = None if strict else _RunningTopK(k)
     neg_inf = float("-inf")
     for start, block in _blocks(bank, chunk_size):
-        scores = q @ block.T
+        scores = _scores(q, block)
         mask = mask_fn(start, start + block.shape[0]).to(scores.device)
         allowed.add_scores(scores.masked_fill(~mask, neg_inf), start)
         if fallback is not None:
@@ -387,7 +405,7 @@ def search(
             f"(expected dim {dim}, actual {queries.shape[-1]})"
         )
     q = queries.detach().float().contiguous()
-    name = resolve_backend(backend, bank.device, dim, masked=mask_fn is not None)
+    name = resolve_backend(backend, bank.device, masked=mask_fn is not None)
     if mask_fn is not None:
         return _masked_search(bank, q, k, chunk_size, mask_fn, strict)
     if name == "faiss":
