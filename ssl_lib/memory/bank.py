@@ -137,7 +137,8 @@ class MemoryBank(nn.Module):
         """Write the rows of ``x`` (and payload values) at the pointer, gathered over all ranks.
 
         Payloads not given are written as -1. Nothing is dropped: the pointer wraps around and a
-        batch larger than the bank leaves its last ``size`` rows.
+        batch larger than the bank leaves its last ``size`` rows. Under DDP every rank must call
+        this with the same batch size and the same payload names (each is one collective).
         """
         self._check_dim(x, "enqueued embeddings")
         n_local = x.shape[0]

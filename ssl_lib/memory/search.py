@@ -263,16 +263,17 @@ def _blocks(bank: Tensor, chunk_size: int, whole_if_fp32: bool = False):
 
 
 _CPU_WORKSPACE: dict[str, Tensor] = {}
+_CPU_WORKSPACE_MAX = 64 * 2**20  # elements (256 MiB of float32)
 
 
 def _score_buffer(rows: int, cols: int, device: torch.device) -> Tensor:
     """Float32 ``rows x cols`` scratch for score blocks.
 
-    On CPU one buffer is kept between calls: allocating a fresh multi-megabyte block every step
-    costs page faults comparable to the top-k itself. CUDA's caching allocator already reuses
-    memory, so there a new tensor is returned.
+    On CPU one buffer of up to 256 MiB is kept between calls: allocating a fresh multi-megabyte
+    block every step costs page faults comparable to the top-k itself. Larger blocks, and CUDA
+    (whose caching allocator already reuses memory), get a new tensor.
     """
-    if device.type != "cpu":
+    if device.type != "cpu" or rows * cols > _CPU_WORKSPACE_MAX:
         return torch.empty(rows, cols, device=device)
     buf = _CPU_WORKSPACE.get("scores")
     if buf is None or buf.numel() < rows * cols:
