@@ -1,11 +1,11 @@
 """A procedurally generated image dataset: the embedded default (no download).
 
 Each class is a texture pattern (stripes, checkerboard, dots, rings, ...). Every image draws its
-class's pattern in two contrasting colours that vary smoothly across the image, with a random
-period, phase, a small random rotation and pixel noise. Colour is the dominant nuisance, so a
-randomly initialised network, which mostly sees colour, does little better than chance; and
-since two crops of one image differ in colour, self-supervised training has to rely on the
-texture, which is what separates the classes. The patterns are chosen
+class's pattern in a colour pair taken from a small palette shared by all classes, with a random
+period and phase and pixel noise. Colour is the dominant nuisance: a randomly initialised
+network mostly sees colour and does little better than chance, while colour says nothing about
+the class. Features invariant to what the augmentations vary (crops change period and phase,
+colour jitter and grayscale change colour) leave the texture, which separates the classes. The patterns are chosen
 so that no class is the mirror image of another (horizontal flips keep every class).
 Images are a pure function of ``(seed, index)``: deterministic and worker-safe.
 """
@@ -31,7 +31,7 @@ PATTERNS = (
 
 
 def _pattern(kind: str, u: np.ndarray, v: np.ndarray, p: float, rng: np.random.Generator):
-    """Binary pattern over rotated coordinates ``u, v`` with period ``p``."""
+    """Binary pattern over pixel coordinates ``u`` (x) and ``v`` (y) with period ``p``."""
     two_pi = 2 * np.pi
     if kind == "h_stripes":
         return np.sin(two_pi * v / p) > 0
@@ -64,28 +64,29 @@ def _pattern(kind: str, u: np.ndarray, v: np.ndarray, p: float, rng: np.random.G
     raise ValueError(f"unknown pattern '{kind}'")
 
 
+# Colour pairs shared by every class: colour tells which group an image belongs to, but not
+# which instance or which class, as in natural images where many objects share colours.
+PALETTE = (
+    ((230, 60, 50), (40, 40, 120)),
+    ((250, 220, 60), (30, 110, 40)),
+    ((70, 170, 230), (120, 30, 60)),
+    ((240, 240, 240), (60, 60, 60)),
+    ((230, 120, 200), (20, 80, 80)),
+    ((140, 220, 120), (90, 40, 140)),
+    ((250, 150, 40), (30, 60, 160)),
+    ((180, 180, 90), (100, 20, 20)),
+)
+
+
 def render_pattern(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     """Draw one sample of class ``kind`` at ``size`` x ``size`` pixels."""
     period = rng.uniform(0.15, 0.3) * size
-    theta = rng.uniform(-0.17, 0.17)  # about +-10 degrees
     y, x = np.mgrid[0:size, 0:size].astype(np.float64) + rng.uniform(0, period, 2)[:, None, None]
-    u = x * np.cos(theta) + y * np.sin(theta)
-    v = -x * np.sin(theta) + y * np.cos(theta)
-    mask = _pattern(kind, u, v, period, rng)
-    # Colours vary smoothly across the image (a random 3x3 colour field, upsampled), so two
-    # crops of one image do not share their colours: only the texture is common to them.
-    field = rng.uniform(0, 255, (3, 3, 3)).astype(np.float32)
-    c0 = np.stack(
-        [
-            np.asarray(
-                Image.fromarray(field[..., c], mode="F").resize((size, size), Image.BILINEAR)
-            )
-            for c in range(3)
-        ],
-        axis=-1,
-    )
-    bright = c0.mean(axis=-1, keepdims=True) > 128
-    c1 = np.where(bright, 0.3 * c0, c0 + 0.7 * (255.0 - c0))  # contrasting everywhere
+    mask = _pattern(kind, x, y, period, rng)
+    pair = np.asarray(PALETTE[rng.integers(len(PALETTE))], dtype=np.float64)
+    if rng.random() < 0.5:
+        pair = pair[::-1]
+    c0, c1 = pair + rng.normal(0, 12, (2, 3))
     img = np.where(mask[..., None], c1, c0) + rng.normal(0, 12, (size, size, 3))
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="RGB")
 
