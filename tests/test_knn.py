@@ -211,6 +211,7 @@ def test_evaluate_separable_clusters():
     )
     assert res["majority/k=1/top1"] == res["majority/k=20/top1"] == 100.0
     assert res["bank_dtype"] == "float16" and "weighted/k=1/T=0.07/top1" not in res
+    assert res["backend"] == "torch"  # what "auto" resolves to
 
 
 def test_l2_normalize_rows():
