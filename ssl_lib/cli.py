@@ -7,10 +7,11 @@ import sys
 from collections.abc import Sequence
 
 from ssl_lib.checkpoints import CheckpointError
-from ssl_lib.config import ConfigError, list_recipes, load_config
+from ssl_lib.config import ConfigError, list_recipes, load_config, load_eval_config
 from ssl_lib.data.datasets import DataError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
+DEFAULT_EVAL_RECIPES = {"knn": "eval/knn_umbc", "linear": "eval/linear_cached"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,6 +23,16 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("recipe", nargs="?", help="recipe file or shipped name (ssl-lib recipes)")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.1")
     tr.add_argument("--resume", metavar="RUN_DIR|CKPT", help="continue a run")
+    ev = sub.add_parser("eval", help="evaluate a checkpoint: ssl-lib eval knn|linear CKPT ...")
+    ev_sub = ev.add_subparsers(dest="protocol", required=True)
+    for protocol, recipe in DEFAULT_EVAL_RECIPES.items():
+        p = ev_sub.add_parser(
+            protocol, help=f"{protocol} evaluation: CHECKPOINT [RECIPE] [key=value ...]"
+        )
+        p.add_argument("checkpoint", help="a checkpoint written by ssl-lib train")
+        p.add_argument(
+            "args", nargs="*", help=f"optional eval recipe (default {recipe}), then overrides"
+        )
     sub.add_parser("methods", help="list the registered methods")
     sub.add_parser("recipes", help="list the shipped recipes")
     sub.add_parser("backbones", help="list the built-in backbones")
@@ -56,7 +67,26 @@ def run(argv: Sequence[str]) -> int:
             raise ConfigError("ssl-lib train needs a RECIPE (or --resume RUN_DIR)")
         else:
             train(load_config(args.recipe, args.overrides))
+    elif args.command == "eval":
+        evaluate(args.protocol, args.checkpoint, args.args)
     return 0
+
+
+def evaluate(protocol: str, checkpoint: str, args: list[str]) -> None:
+    """``ssl-lib eval knn|linear CHECKPOINT [RECIPE] [key=value ...]``: table and JSON."""
+    from ssl_lib.eval.runner import results_table, run_knn, run_linear
+
+    recipe = DEFAULT_EVAL_RECIPES[protocol]
+    if args and "=" not in args[0]:
+        recipe, args = args[0], args[1:]
+    cfg = load_eval_config(recipe, args)
+    record, path = (run_knn if protocol == "knn" else run_linear)(checkpoint, cfg)
+    print(
+        f"{protocol} evaluation of {checkpoint} ({record['num_train']} train / "
+        f"{record['num_val']} val images, {len(record['classes'])} classes)"
+    )
+    print(results_table(protocol, record["results"]))
+    print(f"results:      {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -10,6 +10,7 @@ wrong types fail before any work starts, naming the file (or override) and the k
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ssl_lib.models.heads import MLPConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+EVAL_RECIPES = "eval"
 
 
 class ConfigError(ValueError):
@@ -147,6 +149,25 @@ class TrainerConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Evaluation during pretraining (``ssl_lib.eval.monitors``); needs labelled data.
+
+    ``knn_every_n_epochs``: kNN accuracy (majority vote over ``knn_k`` neighbours, eval
+    transform) of ``knn_val_samples`` images against a bank of ``knn_train_samples`` images,
+    every N epochs (0 = off). ``online_linear``: a linear classifier trained on the detached
+    backbone features of views[0] with its own optimiser (learning rate ``online_linear_lr``).
+    """
+
+    knn_every_n_epochs: int = 0
+    knn_train_samples: int = 1000
+    knn_val_samples: int = 500
+    knn_k: int = 20
+    knn_batch_size: int = 256
+    online_linear: bool = False
+    online_linear_lr: float = 0.1
+
+
+@dataclass
 class RunConfig:
     """The whole recipe."""
 
@@ -156,6 +177,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 CHOICES: dict[str, list[str]] = {
@@ -184,15 +206,26 @@ def resolve_recipe(recipe: str | Path) -> Path:
     )
 
 
-def list_recipes() -> list[str]:
-    """Shipped recipe names (relative to ``recipes/``, without ``.yaml``)."""
+def is_eval_recipe(name: str) -> bool:
+    """Shipped recipes under ``recipes/eval/`` are evaluation recipes (``EvalConfig``)."""
+    return Path(name).parts[0] == EVAL_RECIPES
+
+
+def list_recipes(kind: str | None = None) -> list[str]:
+    """Shipped recipe names (relative to ``recipes/``, without ``.yaml``).
+
+    ``kind``: ``train`` or ``eval`` keeps only that kind; ``None`` lists both.
+    """
     if not RECIPES_DIR.is_dir():
         return []
-    return sorted(
+    names = sorted(
         str(p.relative_to(RECIPES_DIR).with_suffix(""))
         for p in RECIPES_DIR.rglob("*.yaml")
         if not p.name.startswith("_")
     )
+    if kind is None:
+        return names
+    return [n for n in names if is_eval_recipe(n) == (kind == "eval")]
 
 
 def _load_yaml(path: Path) -> DictConfig:
@@ -261,8 +294,8 @@ def _merge_layer(schema: DictConfig, source: str, layer: DictConfig) -> DictConf
         raise ConfigError(f"{source}: invalid value for '{key}': {message}") from None
 
 
-def _check_choices(cfg: DictConfig) -> None:
-    for key, allowed in CHOICES.items():
+def _check_choices(cfg: DictConfig, choices: dict[str, list[str]] = CHOICES) -> None:
+    for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value not in allowed:
             close = difflib.get_close_matches(str(value), allowed, n=1)
@@ -318,3 +351,137 @@ def load_config(recipe: str | Path, overrides: list[str] = ()) -> DictConfig:
 def config_from_dict(values: dict, overrides: list[str] = ()) -> DictConfig:
     """Build a validated config from a Python dict (library use, tests)."""
     return build_config([("config dict", OmegaConf.create(values))], overrides)
+
+
+# ------------------------------------------------------------------ evaluation recipes
+@dataclass
+class EvalDataConfig:
+    """Labelled data of an evaluation.
+
+    ``dataset``: ``image_folder`` (``train_root`` and ``val_root`` hold the same class folders),
+    ``cifar10`` / ``cifar100`` (torchvision copy in ``train_root``; its test split is the val
+    set), or ``synthetic`` (the embedded textures; its evaluation split is the val set).
+    ``labelled_subset``: a file list (``relative/path [label]`` under ``train_root``) that
+    replaces the train set, for the 1 % / 10 % semi-supervised evaluations.
+    ``max_train_samples`` / ``max_val_samples`` keep a seeded random subset (quick checks).
+    """
+
+    dataset: str = "image_folder"
+    train_root: str | None = None
+    val_root: str | None = None
+    labelled_subset: str | None = None
+    download: bool = False
+    image_size: int = 224
+    batch_size: int = 256
+    num_workers: int = 4
+    max_train_samples: int | None = None
+    max_val_samples: int | None = None
+    seed: int = 0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class FeaturesConfig:
+    """What is extracted and where it is cached.
+
+    ``source``: ``backbone`` (the papers' protocols), ``projector`` (backbone + projector) or
+    ``block:N`` (output of block N, for methods that offer ``block_features``).
+    ``dtype``: storage of the extracted features, ``fp32`` or ``fp16``.
+    ``cache_dir``: ``null`` = ``<run folder>/eval/features``. ``device``: ``auto`` = CUDA when
+    available.
+    """
+
+    source: str = "backbone"
+    dtype: str = "fp32"
+    cache_dir: str | None = None
+    device: str = "auto"
+    progress_bar: bool = True
+
+
+@dataclass
+class KNNEvalConfig:
+    """kNN classification (``ssl_lib.eval.knn.knn_evaluate``)."""
+
+    ks: list[int] = field(default_factory=lambda: [1, 20])
+    temperatures: list[float] = field(default_factory=lambda: [0.07, 0.1])
+    votes: list[str] = field(default_factory=lambda: ["majority"])
+    backend: str = "auto"
+    seed: int = 0
+
+
+@dataclass
+class LinearEvalConfig:
+    """Linear probe on the frozen backbone (``ssl_lib.eval.linear``).
+
+    ``protocol``: ``umbc`` (L2-normalise + fixed standardisation + linear, augmented crops,
+    features recomputed each step), ``moco`` (plain linear on raw features, augmented crops) or
+    ``cached`` (UMBC head trained on cached centre-crop features; the learning rate is chosen
+    from ``lr_grid`` on a held-out ``val_fraction`` of the train set, then the head is retrained
+    on the whole train set). The LR is multiplied by ``gamma`` at each epoch in ``milestones``.
+    """
+
+    protocol: str = "cached"
+    epochs: int = 40
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    milestones: list[int] = field(default_factory=lambda: [15, 30])
+    gamma: float = 0.1
+    batch_size: int = 256
+    val_fraction: float = 0.1
+    lr_grid: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0])
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """An evaluation recipe; ``output``: the results JSON (``null`` = ``<run>/eval/``)."""
+
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    knn: KNNEvalConfig = field(default_factory=KNNEvalConfig)
+    linear: LinearEvalConfig = field(default_factory=LinearEvalConfig)
+    output: str | None = None
+
+
+EVAL_CHOICES: dict[str, list[str]] = {
+    "data.dataset": ["image_folder", "cifar10", "cifar100", "synthetic"],
+    "features.dtype": ["fp32", "fp16"],
+    "knn.backend": ["auto", "torch", "faiss"],
+    "linear.protocol": ["umbc", "moco", "cached"],
+}
+
+
+def _check_eval(cfg: DictConfig) -> None:
+    _check_choices(cfg, EVAL_CHOICES)
+    source = cfg.features.source
+    if source not in ("backbone", "projector") and not re.fullmatch(r"block:\d+", source):
+        raise ConfigError(
+            f"features.source: '{source}' is not accepted. Choose backbone, projector or block:N"
+        )
+    for vote in cfg.knn.votes:
+        if vote not in ("majority", "weighted"):
+            raise ConfigError(f"knn.votes: '{vote}' is not accepted. Choose majority or weighted")
+    if not cfg.knn.ks or min(cfg.knn.ks) < 1:
+        raise ConfigError(f"knn.ks must be positive integers, got {list(cfg.knn.ks)}")
+    if not 0 < cfg.linear.val_fraction < 1:
+        raise ConfigError(f"linear.val_fraction must lie in (0, 1), got {cfg.linear.val_fraction}")
+
+
+def build_eval_config(
+    layers: list[tuple[str, DictConfig]], overrides: list[str] = ()
+) -> DictConfig:
+    """Validate and merge raw evaluation layers (and overrides) into one ``EvalConfig``."""
+    layers = list(layers)
+    if overrides:
+        layers.append(("command-line override", _parse_overrides(list(overrides))))
+    cfg = OmegaConf.structured(EvalConfig)
+    for source, raw in layers:
+        cfg = _merge_layer(cfg, source, raw)
+    _check_eval(cfg)
+    return cfg
+
+
+def load_eval_config(recipe: str | Path, overrides: list[str] = ()) -> DictConfig:
+    """Load an evaluation recipe (path or shipped name such as ``eval/knn_umbc``)."""
+    return build_eval_config(_layers(resolve_recipe(recipe)), overrides)

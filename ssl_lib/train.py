@@ -22,6 +22,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from ssl_lib.config import ConfigError, build_config
 from ssl_lib.data import SSLDataModule
+from ssl_lib.eval.monitors import build_monitors
 from ssl_lib.methods import build_method
 
 
@@ -102,7 +103,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume_from: Path | None
             every_n_epochs=t.checkpoint_every_n_epochs,
             save_top_k=-1,
         ),
-        MetricsJSON(run_dir / "metrics.json"),
+        *build_monitors(cfg, datamodule.build_train_set(), method.backbone.feat_dim),
+        MetricsJSON(run_dir / "metrics.json"),  # after the monitors: it records their values
     ]
     trainer = pl.Trainer(
         default_root_dir=run_dir,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ssl_lib.config import ConfigError, list_recipes, load_config
+from ssl_lib.config import ConfigError, list_recipes, load_config, load_eval_config
 
 
 def write(path, text):
@@ -13,11 +13,32 @@ def write(path, text):
 
 
 def test_every_shipped_recipe_loads():
-    names = list_recipes()
+    names = list_recipes("train")
     assert "demo/byol" in names and "imagenet/byol" in names and "cifar10/byol" in names
     for name in names:
         cfg = load_config(name)
         assert cfg.method.name
+    eval_names = list_recipes("eval")
+    assert "eval/knn_umbc" in eval_names and "eval/cifar10_linear_cached" in eval_names
+    assert sorted(names + eval_names) == list_recipes()
+    for name in eval_names:
+        cfg = load_eval_config(name)
+        assert cfg.knn.ks and cfg.linear.protocol
+
+
+def test_eval_recipe_errors_name_file_and_key(tmp_path):
+    bad = write(tmp_path / "bad.yaml", "base: x.yaml\nknn: {kss: [1]}\n")
+    write(tmp_path / "x.yaml", "linear: {protocol: cached}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'knn.kss'. Did you mean 'ks'"):
+        load_eval_config(bad)
+    ok = write(tmp_path / "ok.yaml", "knn: {ks: [1, 20]}\n")
+    assert load_eval_config(ok, ["knn.ks=[5]"]).knn.ks == [5]
+    with pytest.raises(ConfigError, match="linear.protocol.*'umbc'"):
+        load_eval_config(ok, ["linear.protocol=umbcc"])
+    with pytest.raises(ConfigError, match="features.source"):
+        load_eval_config(ok, ["features.source=block"])
+    with pytest.raises(ConfigError, match="invalid value for 'linear.epochs'"):
+        load_eval_config(ok, ["linear.epochs=many"])
 
 
 def test_base_inheritance_and_overrides(tmp_path):

@@ -1,5 +1,6 @@
 """View pipelines by name: weak, strong (MoCo v2 aug+), BYOL views 1/2, Barlow Twins views A/B,
-and the evaluation transform; each at any size (224 px for ImageNet, 32 px for CIFAR).
+the evaluation transform and the linear-probe training crops; each at any size (224 px for
+ImageNet, 32 px for CIFAR).
 
 At 64 px and below Gaussian blur is disabled (it destroys 32 px images; the CIFAR recipes of
 the peer libraries do the same) and the evaluation transform does not resize.
@@ -98,6 +99,12 @@ def eval_transform(size: int) -> v2.Compose:
     """Resize (size / 0.875) + centre crop; at 64 px and below a plain resize + centre crop."""
     resize = size if size <= SMALL_IMAGE else round(size / 0.875)
     return v2.Compose([v2.Resize(resize), v2.CenterCrop(size), *_finish()])
+
+
+@VIEWS.register("probe")
+def probe_transform(size: int) -> v2.Compose:
+    """Linear-probe training crops: random resized crop (scale 0.08-1) and horizontal flip."""
+    return v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), *_finish()])
 
 
 class MultiView:
