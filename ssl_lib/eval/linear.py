@@ -158,6 +158,14 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     return order[held:], order[:held]
 
 
+def _standardized_setup(feats: Tensor, labels: Tensor, num_classes: int, cfg, device):
+    """A seeded fresh UMBC head (statistics of ``feats``) and seeded shuffled batches."""
+    torch.manual_seed(cfg.seed)
+    probe = LinearProbe(feats.shape[1], num_classes, standardization_stats(feats)).to(device)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return probe, _tensor_batches(feats, labels, cfg.batch_size, generator)
+
+
 def select_lr(feats: Tensor, labels: Tensor, num_classes: int, cfg, device) -> dict:
     """Pick ``cfg.lr_grid``'s best learning rate using the train features only.
 
@@ -167,13 +175,7 @@ def select_lr(feats: Tensor, labels: Tensor, num_classes: int, cfg, device) -> d
     fit, held = holdout_split(len(feats), cfg.val_fraction, cfg.seed)
     scores = {}
     for lr in cfg.lr_grid:
-        torch.manual_seed(cfg.seed)
-        probe = LinearProbe(feats.shape[1], num_classes, standardization_stats(feats[fit])).to(
-            device
-        )
-        batches = _tensor_batches(
-            feats[fit], labels[fit], cfg.batch_size, torch.Generator().manual_seed(cfg.seed)
-        )
+        probe, batches = _standardized_setup(feats[fit], labels[fit], num_classes, cfg, device)
         _train_epochs(probe, batches, cfg, lr)
         scores[float(lr)] = evaluate(probe, feats[held], labels[held], num_classes)["top1"]
     best = max(scores, key=lambda lr: (scores[lr], -list(scores).index(lr)))
@@ -191,11 +193,7 @@ def linear_cached(
     """The cached-feature probe: LR selection on held-out train rows, then a full retrain."""
     feats, labels = train
     selection = select_lr(feats, labels, num_classes, cfg, device)
-    torch.manual_seed(cfg.seed)
-    probe = LinearProbe(feats.shape[1], num_classes, standardization_stats(feats)).to(device)
-    batches = _tensor_batches(
-        feats, labels, cfg.batch_size, torch.Generator().manual_seed(cfg.seed)
-    )
+    probe, batches = _standardized_setup(feats, labels, num_classes, cfg, device)
     result = train_and_track(probe, batches, val, num_classes, cfg, selection["lr"], progress)
     return {**result, "lr": selection["lr"], "lr_selection": selection}
 
