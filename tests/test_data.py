@@ -32,6 +32,7 @@ def test_synthetic_is_deterministic_and_balanced():
 @pytest.mark.parametrize("name", VIEWS.names())
 @pytest.mark.parametrize("size", [32, 96])
 def test_every_view_pipeline_gives_normalised_tensors(name, size):
+    torch.manual_seed(0)  # the augmentations draw from the global generator
     img = SyntheticPatterns(1, 10, 40, 0)[0][0]
     out = VIEWS.get(name)(size)(img)
     assert out.shape == (3, size, size) and out.dtype == torch.float32

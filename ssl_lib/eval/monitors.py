@@ -70,6 +70,11 @@ class KNNMonitor(pl.Callback):
         feats, labels, _ = extract_features(module, loader, device=module.device, progress=False)
         return feats, labels
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Epochs without a measurement must not repeat the last one in metrics.json.
+        for n in ("top1", "top5"):
+            trainer.callback_metrics.pop(f"monitor/knn_{n}", None)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         every = self.cfg.knn_every_n_epochs
         if (trainer.current_epoch + 1) % every:
