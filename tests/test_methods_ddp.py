@@ -22,6 +22,7 @@ from conftest import tiny_config
 from ssl_lib.config import config_from_dict
 from ssl_lib.data import SSLDataModule
 from ssl_lib.methods import base, build_method, load_method
+from ssl_lib.train import build_strategy
 
 WORLD, GLOBAL_BATCH, STEPS = 2, 16, 4
 METHODS = {
@@ -125,3 +126,11 @@ def test_ddp_ranks_hold_identical_banks(tmp_path: Path, name: str):
     loaded = load_method(str(tmp_path / "method.ckpt"))  # loads in one process
     for key in bank_keys:
         assert torch.equal(loaded.state_dict()[key], states[0][key]), key
+
+
+@pytest.mark.parametrize("name, start", [("ddp", "popen"), ("ddp_spawn", "spawn")])
+def test_ddp_strategy_skips_buffer_broadcast(name: str, start: str):
+    strategy = build_strategy(name)
+    assert strategy._ddp_kwargs == {"broadcast_buffers": False}
+    assert strategy._start_method == start
+    assert build_strategy("auto") == "auto"
