@@ -5,8 +5,9 @@ MSF loss ``mean(2 - 2 cos(q, bank[nn]))`` of the online predictions ``q`` with b
 
 Compared implementations:
 
-* ``ours-torch`` / ``ours-faiss``: :class:`ssl_lib.memory.MemoryBank` (chunked exact search),
-  loss on the gathered ``B x k x D`` neighbours only.
+* ``ours-torch`` / ``ours-faiss``: the bank side of ``ssl_lib.methods.msf.MSF.compute_loss``:
+  :class:`ssl_lib.memory.MemoryBank` (chunked exact search) and the method's ``msf_loss`` on
+  the gathered ``B x k x D`` neighbours only.
 * ``authors``: the official MSF step: clone the bank, two dense ``B x K`` distance matrices
   (target and online), ``topk``, gather, loss with backward through the dense online matmul.
 * ``lightly``: an NNCLR-style bank module as lightly's ``NNMemoryBankModule`` behaves
@@ -32,20 +33,10 @@ from torch import Tensor, nn
 
 from ssl_lib.memory import MemoryBank
 from ssl_lib.memory.search import faiss_available
+from ssl_lib.methods.msf import msf_loss
 
 FULL_GRID = {"K": [65536, 131072, 1024000], "D": [128, 512], "k": [1, 5, 20]}
 QUICK_GRID = {"K": [131072], "D": [512], "k": [5]}
-
-
-def msf_loss(q: Tensor, neighbours: Tensor) -> Tensor:
-    """``mean(2 - 2 cos(q_i, n_ij))`` over the batch and the k (unit-norm) neighbours ``n_ij``.
-
-    The loss is linear in the neighbours, so averaging them over k first gives the same value
-    and gradient with a ``B x D`` instead of a ``B x k x D`` product; dividing the B dot products
-    by ``|q_i|`` instead of normalising ``q`` saves two ``B x D`` passes.
-    """
-    cos = (q * neighbours.mean(dim=1)).sum(dim=-1) / q.norm(dim=-1).clamp_min(1e-12)
-    return 2 - 2 * cos.mean()
 
 
 def ours_step(bank: MemoryBank, k: int) -> Callable[[Tensor, Tensor], None]:

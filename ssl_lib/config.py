@@ -52,6 +52,20 @@ class TargetMethodConfig(MethodConfig):
 
 
 @dataclass
+class BankMethodConfig(TargetMethodConfig):
+    """Methods with an EMA target and a memory bank of target embeddings (MoCo, ISD, MSF).
+
+    ``bank_size``: rows K (any size; writes wrap around). ``bank_dtype``: storage precision
+    (``fp32`` / ``fp16`` / ``bf16``; search and losses are float32). ``search_backend``:
+    nearest-neighbour backend of the bank (``auto`` / ``torch`` / ``faiss``).
+    """
+
+    bank_size: int = 65536
+    bank_dtype: str = "fp32"
+    search_backend: str = "auto"
+
+
+@dataclass
 class RunSection:
     """Where the run folder goes and the global seed."""
 
@@ -186,6 +200,9 @@ CHOICES: dict[str, list[str]] = {
     "optim.schedule": ["cosine_epoch", "warmup_cosine", "step", "constant"],
     "optim.lr_scaling": ["none", "linear"],
     "method.ema_schedule": ["constant", "cosine"],
+    "method.bank_dtype": ["fp32", "fp16", "bf16"],
+    "method.search_backend": ["auto", "torch", "faiss"],
+    "method.bank_init": ["rows", "columns"],
 }
 
 

@@ -19,6 +19,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.strategies import DDPStrategy, Strategy
 
 from ssl_lib.config import ConfigError, build_config
 from ssl_lib.data import SSLDataModule
@@ -81,6 +82,18 @@ def find_resume(target: str) -> tuple[Path, Path]:
     raise ConfigError(f"--resume '{target}': no such run folder or checkpoint")
 
 
+def build_strategy(name: str) -> str | Strategy:
+    """``trainer.strategy``; ``ddp`` / ``ddp_spawn`` without DDP's per-step buffer broadcast.
+
+    Memory banks are kept identical on every rank by all-gathered writes, so broadcasting them
+    from rank 0 before every forward pass would only copy K x D floats per step for nothing.
+    """
+    if name in ("ddp", "ddp_spawn"):
+        start = "spawn" if name == "ddp_spawn" else "popen"
+        return DDPStrategy(start_method=start, broadcast_buffers=False)
+    return name
+
+
 def train(cfg: DictConfig, run_dir: Path | None = None, resume_from: Path | None = None) -> Path:
     """Train ``cfg`` in ``run_dir`` (a new folder if ``None``); return the run folder."""
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
@@ -115,7 +128,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume_from: Path | None
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=build_strategy(t.strategy),
         precision=t.precision,
         log_every_n_steps=t.log_every_n_steps,
         limit_train_batches=t.limit_train_batches,

@@ -2,7 +2,8 @@
 
 It owns the backbone, the optional projector / predictor and the optional EMA target
 (a copy of backbone + projector), and does everything the methods share: optimiser and
-schedules, the EMA update, logging and ``forward(x)`` = backbone features. A method implements
+schedules, the EMA update with cross-process shuffle-BN for the target, the memory bank of
+bank methods, logging and ``forward(x)`` = backbone features. A method implements
 :meth:`SSLMethod.compute_loss` (how the views flow and which pure loss applies).
 """
 
@@ -18,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from ssl_lib.config import MethodConfig, config_from_dict
+from ssl_lib.distributed import shuffle_batch, unshuffle_batch, world_size
+from ssl_lib.memory import MemoryBank
 from ssl_lib.models import build_backbone, build_mlp
 from ssl_lib.optim import build_optimizer, ema_momentum, lr_factor
 
@@ -48,6 +51,12 @@ class SSLMethod(pl.LightningModule):
         if self.needs_predictor:
             if cfg.model.predictor is None:
                 raise ValueError(f"method '{cfg.method.name}' needs model.predictor (got null)")
+            if cfg.model.predictor.out_dim != self.embed_dim:
+                raise ValueError(
+                    f"model.predictor.out_dim ({cfg.model.predictor.out_dim}) must equal the "
+                    f"embedding dim {self.embed_dim} (model.projector.out_dim, or the backbone's "
+                    "feature dim without a projector): predictions are compared with targets"
+                )
             self.predictor = build_mlp(self.embed_dim, cfg.model.predictor)
         if self.uses_target:
             self.target = nn.ModuleDict(
@@ -69,8 +78,36 @@ class SSLMethod(pl.LightningModule):
 
     @torch.no_grad()
     def target_project(self, x: Tensor) -> Tensor:
-        """Target (EMA) backbone + projector, without gradients, in train mode (own BN stats)."""
-        return self.target["projector"](self.target["backbone"](x))
+        """Target (EMA) backbone + projector, without gradients, in train mode (own BN stats).
+
+        With ``method.shuffle_bn`` and several processes, the global batch is shuffled across
+        ranks before the forward pass and restored after it (MoCo's shuffle-BN), so the target's
+        BN statistics come from a random subset of the global batch. In one process a shuffle
+        would not change BN statistics, so none is done.
+        """
+        shuffle = self.cfg.method.shuffle_bn and world_size() > 1
+        if shuffle:
+            x, unshuffle_idx = shuffle_batch(x)
+        z = self.target["projector"](self.target["backbone"](x))
+        return unshuffle_batch(z, unshuffle_idx) if shuffle else z
+
+    def build_bank(self, min_size: int, why: str) -> MemoryBank:
+        """A memory bank of ``method.bank_size`` target embeddings with a ``labels`` payload.
+
+        Its width is the embedding dim; it is a submodule, so checkpoints save it. ``min_size``
+        is the least size the method can work with (``why`` explains it in the error).
+        """
+        m = self.cfg.method
+        if m.bank_size < min_size:
+            raise ValueError(f"method.bank_size ({m.bank_size}) must be >= {min_size}: {why}")
+        return MemoryBank(
+            m.bank_size,
+            self.embed_dim,
+            payloads=("labels",),
+            dtype=m.bank_dtype,
+            backend=m.search_backend,
+            seed=self.cfg.run.seed,
+        )
 
     def online_modules(self) -> list[nn.Module]:
         """The modules the target averages: backbone and projector."""
@@ -143,3 +180,14 @@ class SSLMethod(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+def neighbour_purity(neighbour_labels: Tensor, labels: Tensor) -> Tensor | None:
+    """Share of neighbours (``B x k`` stored labels) whose label equals their query's label.
+
+    Only queries with a known label (>= 0) count; ``None`` when there is none.
+    """
+    known = labels >= 0
+    if not bool(known.any()):
+        return None
+    return (neighbour_labels[known] == labels[known].unsqueeze(1)).float().mean()

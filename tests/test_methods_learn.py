@@ -1,0 +1,88 @@
+"""Short CPU runs on the synthetic textures: training must beat random init on 20-NN.
+
+The kNN follows the UMBC protocol at toy scale: backbone features of the ``eval`` view,
+L2-normalised, unweighted 20-NN majority vote, the training split as the database and the
+disjoint held-out split (``build_base_dataset(train=False)``) as queries.
+"""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import tiny_config
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+from ssl_lib.config import config_from_dict
+from ssl_lib.data import IndexedDataset, MultiView, SSLDataModule, build_base_dataset
+from ssl_lib.methods import build_method
+
+
+def _features(model, cfg, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    ds = IndexedDataset(
+        build_base_dataset(cfg.data, train=train), MultiView(["eval"], cfg.data.image_size)
+    )
+    model.eval()
+    feats, labels = [], []
+    with torch.no_grad():
+        for views, y, _ in DataLoader(ds, batch_size=250):
+            feats.append(F.normalize(model(views[0]), dim=1))
+            labels.append(y)
+    model.train()
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_accuracy(model, cfg, k: int = 20) -> float:
+    """Top-1 of an unweighted k-NN vote of held-out samples among the training samples."""
+    train_x, train_y = _features(model, cfg, train=True)
+    test_x, test_y = _features(model, cfg, train=False)
+    neighbours = train_y[(test_x @ train_x.T).topk(k, dim=1).indices]
+    votes = F.one_hot(neighbours, cfg.data.synthetic.num_classes).sum(dim=1)
+    return (votes.argmax(dim=1) == test_y).float().mean().item()
+
+
+# Settings found to learn quickly on the synthetic textures: tiny CNN and heads, 32 px, batch 64,
+# strong / strong views, SGD 0.03 at a constant rate (0.1 sets the tiny CNN back for the first
+# few hundred steps), m = 0.99 and a bank of 16 batches.
+SHORT_RUN = {
+    "data": {"batch_size": 64, "views": ["strong", "strong"], "synthetic": {"num_samples": 2000}},
+    "optim": {"lr": 0.03, "schedule": "constant"},
+}
+RUNS = {
+    "moco": ({"bank_size": 1024, "ema_momentum": 0.99}, 200, 0.10),
+    # ISD-R18's temperatures; ISD-plus's 0.1 / 0.01 did not learn within a few hundred steps
+    "isd": (
+        {
+            "bank_size": 1024,
+            "ema_momentum": 0.99,
+            "teacher_temperature": 0.02,
+            "student_temperature": 0.02,
+        },
+        200,
+        0.03,
+    ),
+}
+# MSF is not here: like BYOL on these textures, it first loses kNN accuracy (0.35 at random
+# init, 0.21-0.25 after 100-300 steps with m = 0.99 or 0.9), before its slower rise.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_short_run_beats_random_init(name: str):
+    method, steps, margin = RUNS[name]
+    cfg = config_from_dict(tiny_config(name, method=method, **SHORT_RUN))
+    pl.seed_everything(0, verbose=False)
+    model = build_method(cfg)
+    random_init = knn_accuracy(model, cfg)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=SSLDataModule(cfg.data))
+    trained = knn_accuracy(model, cfg)
+    assert trained > random_init + margin, (name, random_init, trained)
