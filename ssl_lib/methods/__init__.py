@@ -1,6 +1,6 @@
 """Methods, one file each on the ``SSLMethod`` base, registered by name."""
 
-from ssl_lib.methods import byol  # noqa: F401  (registers the method)
+from ssl_lib.methods import barlow_twins, blockwise, byol  # noqa: F401  (register the methods)
 from ssl_lib.methods.base import SSLMethod
 from ssl_lib.methods.registry import METHODS
 
