@@ -5,8 +5,9 @@ class's pattern in a colour pair taken from a small palette shared by all classe
 period and phase and pixel noise. Colour is the dominant nuisance: a randomly initialised
 network mostly sees colour and does little better than chance, while colour says nothing about
 the class. Features invariant to what the augmentations vary (crops change period and phase,
-colour jitter and grayscale change colour) leave the texture, which separates the classes. The patterns are chosen
-so that no class is the mirror image of another (horizontal flips keep every class).
+colour jitter and grayscale change colour) leave the texture, which separates the classes. The
+patterns are chosen so that no class is the mirror image of another (horizontal flips keep every
+class).
 Images are a pure function of ``(seed, index)``: deterministic and worker-safe.
 """
 
