@@ -33,7 +33,9 @@ from ssl_lib.methods.barlow_twins import barlow_twins_loss
 from ssl_lib.methods.blockwise import pool_head
 from ssl_lib.models import MLPConfig, build_mlp
 
-PROJECTOR = MLPConfig(hidden_dim=8192, out_dim=8192, num_layers=3, hidden_bias=False, last_bias=False)
+PROJECTOR = MLPConfig(
+    hidden_dim=8192, out_dim=8192, num_layers=3, hidden_bias=False, last_bias=False
+)
 STAGES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]  # ResNet-50 (channels, side) at 224 px
 FEAT_DIM = 2048
 
@@ -131,7 +133,9 @@ def main() -> None:
     results = []
     for kind in ("bt", "blockwise"):
         queue = ctx.Queue()
-        proc = ctx.Process(target=measure, args=(kind, args.batch, args.repeats, args.threads, queue))
+        proc = ctx.Process(
+            target=measure, args=(kind, args.batch, args.repeats, args.threads, queue)
+        )
         proc.start()
         results.append(queue.get())
         proc.join()
@@ -140,15 +144,18 @@ def main() -> None:
         f"batch {args.batch} per view, {args.threads} threads, torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}\n"
     )
-    print("| configuration | parameters | params + grads + LARS state | saved activations "
-          "| peak RSS | ms / step |")
+    print(
+        "| configuration | parameters | params + grads + LARS state | saved activations "
+        "| peak RSS | ms / step |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     names = {"bt": "Barlow Twins: 1 projector", "blockwise": "blockwise: 4 heads + 4 projectors"}
     for r in results:
         print(
-            f"| {names[r['kind']]} | {r['params'] / 1e6:.1f} M | "
-            f"{r['param_grad_state_bytes'] / gib:.2f} GiB | {r['activation_bytes'] / gib:.2f} GiB | "
-            f"{r['peak_rss_bytes'] / gib:.2f} GiB | {r['step_ms']:.0f} |"
+            f"| {names[r['kind']]} | {r['params'] / 1e6:.1f} M "
+            f"| {r['param_grad_state_bytes'] / gib:.2f} GiB "
+            f"| {r['activation_bytes'] / gib:.2f} GiB "
+            f"| {r['peak_rss_bytes'] / gib:.2f} GiB | {r['step_ms']:.0f} |"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -16,8 +16,8 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from ssl_lib.config import load_config
-from ssl_lib.methods import build_method, load_method
 from ssl_lib.methods import barlow_twins as bt
+from ssl_lib.methods import build_method, load_method
 from ssl_lib.optim import build_optimizer
 from ssl_lib.train import train
 
@@ -125,7 +125,9 @@ def test_model_structure_and_loss_scale(make_config):
 
 
 def test_zero_init_residual(make_config):
-    cfg = make_config("barlow_twins", ["model.backbone=resnet18"], method={"zero_init_residual": True})
+    cfg = make_config(
+        "barlow_twins", ["model.backbone=resnet18"], method={"zero_init_residual": True}
+    )
     model = build_method(cfg)
     blocks = [m for m in model.backbone.modules() if isinstance(m, BasicBlock)]
     assert len(blocks) == 8 and all(torch.all(b.bn2.weight == 0) for b in blocks)

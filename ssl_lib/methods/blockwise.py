@@ -40,7 +40,7 @@ SCHEDULES = ("simultaneous", "sequential")
 
 
 def inject_noise(h: Tensor, ratio: float, mode: str) -> Tensor:
-    """``h + ratio * std(h) * eps``, ``eps ~ N(0, I)``, std over the dims of ``NOISE_DIMS[mode]``."""
+    """``h + ratio * std(h) * eps`` with ``eps ~ N(0, I)``, std over ``NOISE_DIMS[mode]``."""
     dims = NOISE_DIMS[mode]
     std = h.std() if dims is None else h.std(dim=dims, keepdim=True)
     return h + ratio * std * torch.randn_like(h)
