@@ -1,6 +1,13 @@
 """Methods, one file each on the ``SSLMethod`` base, registered by name."""
 
-from ssl_lib.methods import byol, isd, moco, msf  # noqa: F401  (registers the methods)
+from ssl_lib.methods import (  # noqa: F401  (registers the methods)
+    barlow_twins,
+    blockwise,
+    byol,
+    isd,
+    moco,
+    msf,
+)
 from ssl_lib.methods.base import SSLMethod
 from ssl_lib.methods.registry import METHODS
 

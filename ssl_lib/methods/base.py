@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ssl_lib.config import MethodConfig, config_from_dict
 from ssl_lib.distributed import shuffle_batch, unshuffle_batch, world_size
 from ssl_lib.memory import MemoryBank
-from ssl_lib.models import build_backbone, build_mlp
+from ssl_lib.models import MLPConfig, build_backbone, build_mlp
 from ssl_lib.optim import build_optimizer, ema_momentum, lr_factor
 
 
@@ -45,7 +45,7 @@ class SSLMethod(pl.LightningModule):
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self.backbone = build_backbone(cfg.model.backbone)
         proj_cfg = cfg.model.projector
-        self.projector = build_mlp(self.backbone.feat_dim, proj_cfg) if proj_cfg else nn.Identity()
+        self.projector = self.build_projector(proj_cfg)
         self.embed_dim = proj_cfg.out_dim if proj_cfg else self.backbone.feat_dim
         self.predictor: nn.Module = nn.Identity()
         if self.needs_predictor:
@@ -68,6 +68,13 @@ class SSLMethod(pl.LightningModule):
             self.target.requires_grad_(False)
 
     # ----------------------------------------------------------------- networks
+    def build_projector(self, proj_cfg: MLPConfig | None) -> nn.Module:
+        """The online projector on the backbone features (``nn.Identity`` for ``null``).
+
+        Methods with several projectors (blockwise training: one per block) override this.
+        """
+        return build_mlp(self.backbone.feat_dim, proj_cfg) if proj_cfg else nn.Identity()
+
     def forward(self, x: Tensor) -> Tensor:
         """Backbone features: what evaluators probe."""
         return self.backbone(x)
