@@ -43,35 +43,34 @@ def knn_accuracy(model, cfg, k: int = 20) -> float:
 
 
 # Settings found to learn quickly on the synthetic textures: tiny CNN and heads, 32 px, batch 64,
-# SGD at a constant rate, m = 0.99 and a bank of 16 batches. Contrastive MoCo and ISD use
-# strong / strong views at lr 0.03; MSF (BYOL-like, no negatives) its weak / strong views at 0.1.
+# SGD at a constant rate, m = 0.99 and a bank of 16 batches. Contrastive MoCo uses strong /
+# strong views at lr 0.03; ISD (ISD-plus temperatures) and MSF, which have no negatives and
+# start slowly like BYOL, use their weak / strong views at 0.1. Measured 20-NN (random init ->
+# trained): MoCo 200 steps clearly up; ISD 400 steps 0.570 -> 0.604; MSF 600 steps 0.570 -> 0.670.
 SHORT_RUN = {
     "data": {"batch_size": 64, "views": ["strong", "strong"], "synthetic": {"num_samples": 2000}},
     "optim": {"lr": 0.03, "schedule": "constant"},
 }
+WEAK_STRONG = {"data": {"views": ["strong", "weak"]}, "optim": {"lr": 0.1}}
 RUNS = {
     "moco": ({"method": {"bank_size": 1024, "ema_momentum": 0.99}}, 200, 0.10),
-    # ISD-R18's temperatures; ISD-plus's 0.1 / 0.01 did not learn within a few hundred steps
     "isd": (
         {
             "method": {
                 "bank_size": 1024,
                 "ema_momentum": 0.99,
-                "teacher_temperature": 0.02,
-                "student_temperature": 0.02,
-            }
-        },
-        200,
-        0.03,
-    ),
-    "msf": (
-        {
-            "method": {"bank_size": 1024, "ema_momentum": 0.99, "k": 5},
-            "data": {"views": ["strong", "weak"]},
-            "optim": {"lr": 0.1},
+                "teacher_temperature": 0.01,
+                "student_temperature": 0.1,
+            },
+            **WEAK_STRONG,
         },
         400,
-        0.08,
+        0.02,
+    ),
+    "msf": (
+        {"method": {"bank_size": 1024, "ema_momentum": 0.99, "k": 5}, **WEAK_STRONG},
+        600,
+        0.06,
     ),
 }
 
