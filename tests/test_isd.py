@@ -49,6 +49,7 @@ def test_anchors_exclude_the_current_batch_and_purity(make_config):
     model.bank.payload("labels").copy_(torch.arange(48) % 4)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     loss, extra = model.compute_loss(views, labels, torch.arange(16))
+    model.flush_enqueue()  # what the Trainer does after the optimiser step
     written = model.bank.embeddings[:16].clone(), int(model.bank.ptr)
     model.load_state_dict(state)
     student = nn.functional.normalize(model.predictor(model.project(views[0])), dim=1)

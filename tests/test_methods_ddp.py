@@ -96,6 +96,7 @@ def _train(rank: int, port: int, out: str, name: str) -> None:
                     dist.all_reduce(p.grad)
                     p.grad /= WORLD
             opt.step()
+            model.flush_enqueue()  # what the Trainer does after the optimiser step
         result = {"state": model.state_dict(), "shuffles": shuffles}
         if rank == 0:
             torch.save(

@@ -52,6 +52,7 @@ def test_logits_use_the_queue_before_enqueue(make_config):
     queue = model.bank.embeddings.clone()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     loss, _ = model.compute_loss(views, labels, labels)
+    model.flush_enqueue()  # what the Trainer does after the optimiser step
     keys = nn.functional.normalize(model.target_project(views[1]), dim=1)
     assert torch.allclose(model.bank.embeddings[:16], keys, atol=1e-6)  # enqueued after
     assert torch.equal(model.bank.payload("labels")[:16], labels)

@@ -116,6 +116,25 @@ class SSLMethod(pl.LightningModule):
             seed=self.cfg.run.seed,
         )
 
+    def enqueue_after_step(self, rows: Tensor, **payloads: Tensor) -> None:
+        """Enqueue ``rows`` into ``self.bank`` once the optimiser step is done.
+
+        For methods whose loss reads the bank before this step's rows go in (ISD, MoCo): the
+        backward pass still needs the bank as the loss saw it, so writing it later replaces the
+        per-step copy of the whole bank the original code makes. The next step sees the rows.
+        """
+        self._pending_enqueue = (rows.detach(), payloads)
+
+    def flush_enqueue(self) -> None:
+        """Write the rows held by :meth:`enqueue_after_step` (called after each train batch)."""
+        pending = getattr(self, "_pending_enqueue", None)
+        if pending is not None:
+            self._pending_enqueue = None
+            self.bank.enqueue(pending[0], **pending[1])
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.flush_enqueue()
+
     def online_modules(self) -> list[nn.Module]:
         """The modules the target averages: backbone and projector."""
         return [self.backbone, self.projector]

@@ -78,8 +78,7 @@ class ISD(SSLMethod):
         m = self.cfg.method
         student = F.normalize(self.predictor(self.project(views[0])).float(), dim=1)
         teacher = F.normalize(self.target_project(views[1]).float(), dim=1)
-        # A copy: the backward pass needs the anchors as they were, after this step's enqueue.
-        anchors = self.bank.embeddings.to(torch.float32, copy=True)
+        anchors = self.bank.embeddings.float()  # no copy for an fp32 bank
         teacher_sims = teacher @ anchors.T
         loss = isd_loss(
             student @ anchors.T, teacher_sims, m.student_temperature, m.teacher_temperature
@@ -89,5 +88,5 @@ class ISD(SSLMethod):
         purity = neighbour_purity(self.bank.payload("labels")[top], labels)
         if purity is not None:
             extra["purity"] = purity
-        self.bank.enqueue(teacher, labels=labels)
+        self.enqueue_after_step(teacher, labels=labels)  # anchors exclude the current batch
         return loss, extra

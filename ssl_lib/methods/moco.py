@@ -55,8 +55,6 @@ class MoCo(SSLMethod):
     def compute_loss(self, views: list[Tensor], labels: Tensor, index: Tensor):
         q = self.project(views[0])
         k = F.normalize(self.target_project(views[1]).float(), dim=1)
-        # A copy: the backward pass needs the queue as it was, after this step's enqueue.
-        queue = self.bank.embeddings.to(torch.float32, copy=True)
-        loss = infonce_loss(q, k, queue, self.cfg.method.temperature)
-        self.bank.enqueue(k, labels=labels)
+        loss = infonce_loss(q, k, self.bank.embeddings, self.cfg.method.temperature)
+        self.enqueue_after_step(k, labels=labels)  # keys go in after the logits
         return loss, {}
