@@ -45,7 +45,7 @@ ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 def discover_methods() -> list[str]:
     """The recipe names in ``recipes/cifar10/``, sorted."""
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml") if not p.name.startswith("_"))
 
 
 def pack(source: Path, out: Path) -> None:

@@ -93,6 +93,9 @@ class DataConfig:
     ``views``: view pipeline names; for asymmetric methods views[0] goes to the online
     (student / query) network and views[1] to the target (teacher / key) network.
     ``batch_size`` is the global batch, split evenly over all processes.
+    ``labelled_subset`` / ``labelled_fraction`` (semi-supervised methods only): which training
+    images keep their label, as a file of image paths relative to ``root`` (or bare file names,
+    like the SimCLR ImageNet subsets) or as a seeded class-balanced fraction.
     """
 
     dataset: str = "synthetic"
@@ -106,6 +109,8 @@ class DataConfig:
     max_samples: int | None = None
     skip_corrupt: bool = False
     drop_last: bool = True
+    labelled_subset: str | None = None
+    labelled_fraction: float | None = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -203,6 +208,10 @@ CHOICES: dict[str, list[str]] = {
     "method.bank_dtype": ["fp32", "fp16", "bf16"],
     "method.search_backend": ["auto", "torch", "faiss"],
     "method.bank_init": ["rows", "columns"],
+    "method.short_neighbours": ["fill", "valid_only"],
+    "method.cache_device": ["model", "cpu"],
+    "method.cache_dtype": ["fp32", "fp16", "bf16"],
+    "method.kmeans_backend": ["auto", "faiss", "torch"],
 }
 
 

@@ -24,7 +24,7 @@ from pytorch_lightning.strategies import DDPStrategy, Strategy
 from ssl_lib.config import ConfigError, build_config
 from ssl_lib.data import SSLDataModule
 from ssl_lib.eval.monitors import build_monitors
-from ssl_lib.methods import build_method
+from ssl_lib.methods import build_method, prepare_config
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -99,6 +99,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume_from: Path | None
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     datamodule = SSLDataModule(cfg.data, cfg.run.seed)
     datamodule.check()  # bad data fails here, before any run folder exists
+    prepare_config(cfg, datamodule)  # data-dependent values (e.g. CMSF's dataset size)
     method = build_method(cfg)
 
     run_dir = run_dir if run_dir is not None else new_run_dir(cfg)

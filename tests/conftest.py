@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 
 from ssl_lib.config import config_from_dict
 
@@ -55,3 +56,15 @@ def make_config():
         return config_from_dict(tiny_config(method_name, **sections), list(overrides))
 
     return make
+
+
+def cpu_trainer(**kwargs) -> pl.Trainer:
+    """A quiet CPU Trainer for in-test training: no logger, checkpoints or progress bar."""
+    defaults = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(**{**defaults, **kwargs})

@@ -219,3 +219,100 @@ class IndexedDataset(Dataset):
     @property
     def classes(self) -> list[str]:
         return list(self.base.classes)  # type: ignore[attr-defined]
+
+
+def _sample_paths(ds: Dataset) -> list[str] | None:
+    """File path of every item of ``ds``, or ``None`` for file-less datasets."""
+    if isinstance(ds, ImageList):
+        return [path for path, _ in ds.samples]
+    return None
+
+
+def labelled_mask(
+    ds: Dataset,
+    subset_file: str | None = None,
+    fraction: float | None = None,
+    root: str | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Bool mask over ``ds``: which training images count as labelled (semi-supervised runs).
+
+    ``subset_file``: one image per line, either a path relative to ``root`` (``class/img.JPEG``)
+    or a bare file name (``img.JPEG``, the format of the SimCLR 1 % / 10 % ImageNet subsets)
+    that must be unique in the dataset. Every line must name an image of the training set; a
+    class folder that does not exist, or an image that is not in the data, fails naming the
+    line. ``fraction``: a seeded random, class-balanced share of each class instead (any
+    dataset, including the file-less synthetic and torchvision CIFAR sets).
+    """
+    n = len(ds)  # type: ignore[arg-type]
+    if (subset_file is None) == (fraction is None):
+        raise DataError("give exactly one of data.labelled_subset and data.labelled_fraction")
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise DataError(f"data.labelled_fraction must lie in (0, 1], got {fraction}")
+        targets = torch.as_tensor(list(ds.targets))  # type: ignore[attr-defined]
+        gen = torch.Generator().manual_seed(seed)
+        mask = torch.zeros(n, dtype=torch.bool)
+        for c in targets.unique().tolist():
+            members = (targets == c).nonzero().flatten()
+            take = max(1, round(fraction * len(members)))
+            mask[members[torch.randperm(len(members), generator=gen)[:take]]] = True
+        return mask
+    if isinstance(ds, Subset):  # e.g. data.max_samples: check against the whole folder
+        mask = labelled_mask(ds.dataset, subset_file, root=root, seed=seed)[ds.indices]
+        if not bool(mask.any()):
+            raise DataError(
+                f"none of the images in '{subset_file}' is among the {n} training images kept "
+                "(data.max_samples)"
+            )
+        return mask
+    lst = Path(subset_file)
+    if not lst.is_file():
+        raise DataError(
+            f"labelled subset file '{subset_file}' does not exist (data.labelled_subset)"
+        )
+    paths = _sample_paths(ds)
+    if paths is None or root is None:
+        raise DataError(
+            "data.labelled_subset names image files, so it needs data.dataset=image_folder or "
+            "file_list; use data.labelled_fraction for synthetic or torchvision CIFAR data"
+        )
+    base = Path(root)
+    by_rel = {
+        str(Path(p).relative_to(base)) if Path(p).is_relative_to(base) else p: i
+        for i, p in enumerate(paths)
+    }
+    by_name: dict[str, int] = {}
+    for i, p in enumerate(paths):
+        name = Path(p).name
+        by_name[name] = -1 if name in by_name else i  # -1: ambiguous
+    classes = {Path(rel).parts[0] for rel in by_rel if len(Path(rel).parts) > 1}
+    mask = torch.zeros(n, dtype=torch.bool)
+    for lineno, line in enumerate(lst.read_text().splitlines(), 1):
+        entry = line.split()[0] if line.split() else ""
+        if not entry or entry.startswith("#"):
+            continue
+        where = f"{subset_file}:{lineno}"
+        if "/" in entry:
+            cls = Path(entry).parts[0]
+            if cls not in classes:
+                raise DataError(
+                    f"{where}: class '{cls}' of '{entry}' is not a class of the training data "
+                    f"under '{root}'"
+                )
+            if entry not in by_rel:
+                raise DataError(f"{where}: image '{entry}' is not in the training data")
+            mask[by_rel[entry]] = True
+        else:
+            i = by_name.get(entry)
+            if i is None:
+                raise DataError(f"{where}: image '{entry}' is not in the training data")
+            if i < 0:
+                raise DataError(
+                    f"{where}: file name '{entry}' occurs in several class folders; "
+                    "write it as class/file"
+                )
+            mask[i] = True
+    if not bool(mask.any()):
+        raise DataError(f"labelled subset file '{subset_file}' names no images")
+    return mask

@@ -6,7 +6,13 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from ssl_lib.data.datasets import DataError, IndexedDataset, build_base_dataset, subsample
+from ssl_lib.data.datasets import (
+    DataError,
+    IndexedDataset,
+    build_base_dataset,
+    labelled_mask,
+    subsample,
+)
 from ssl_lib.data.transforms import MultiView
 
 
@@ -22,6 +28,7 @@ class SSLDataModule(pl.LightningDataModule):
         self.cfg = data_cfg
         self.seed = seed
         self.train_set: IndexedDataset | None = None
+        self._labelled: torch.Tensor | None = None
 
     def build_train_set(self) -> IndexedDataset:
         """The indexed, multi-view training set (built once)."""
@@ -29,6 +36,20 @@ class SSLDataModule(pl.LightningDataModule):
             base = subsample(build_base_dataset(self.cfg), self.cfg.max_samples, self.seed)
             self.train_set = IndexedDataset(base, MultiView(self.cfg.views, self.cfg.image_size))
         return self.train_set
+
+    def labelled_mask(self) -> torch.Tensor | None:
+        """Bool mask of the labelled training images (``None`` without a labelled subset)."""
+        if self.cfg.labelled_subset is None and self.cfg.labelled_fraction is None:
+            return None
+        if self._labelled is None:
+            self._labelled = labelled_mask(
+                self.build_train_set().base,
+                self.cfg.labelled_subset,
+                self.cfg.labelled_fraction,
+                root=self.cfg.root,
+                seed=self.seed,
+            )
+        return self._labelled
 
     def setup(self, stage: str | None = None) -> None:
         self.build_train_set()
@@ -52,6 +73,7 @@ class SSLDataModule(pl.LightningDataModule):
                 f"({len(ds)} samples): no full batch could be formed. Lower data.batch_size, "
                 "or set data.drop_last=false."
             )
+        self.labelled_mask()
 
     def train_dataloader(self) -> DataLoader:
         world = self.trainer.world_size if self.trainer is not None else 1

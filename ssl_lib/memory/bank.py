@@ -133,12 +133,14 @@ class MemoryBank(nn.Module):
             )
 
     @torch.no_grad()
-    def enqueue(self, x: Tensor, **payloads: Tensor) -> None:
+    def enqueue(self, x: Tensor, *, gathered: bool = False, **payloads: Tensor) -> None:
         """Write the rows of ``x`` (and payload values) at the pointer, gathered over all ranks.
 
         Payloads not given are written as -1. Nothing is dropped: the pointer wraps around and a
         batch larger than the bank leaves its last ``size`` rows. Under DDP every rank must call
         this with the same batch size and the same payload names (each is one collective).
+        ``gathered=True`` means the caller already holds the global rows, identical on every rank
+        (e.g. a selection of an all-gathered batch): they are written without communication.
         """
         self._check_dim(x, "enqueued embeddings")
         n_local = x.shape[0]
@@ -149,7 +151,8 @@ class MemoryBank(nn.Module):
                 raise ValueError(
                     f"payload {name!r} must have shape ({n_local},), got {tuple(values.shape)}"
                 )
-        x = all_gather_concat(x.detach())
+        gather = (lambda t: t.detach()) if gathered else all_gather_concat
+        x = gather(x)
         n = x.shape[0]
         keep = min(n, self.size)
         ptr = int(self.ptr)
@@ -157,7 +160,7 @@ class MemoryBank(nn.Module):
         self._ring_write(self.embeddings, x[n - keep :], start)
         for name in self.payload_names:
             if name in payloads:
-                values = all_gather_concat(payloads[name].detach())[n - keep :]
+                values = gather(payloads[name])[n - keep :]
             else:
                 values = torch.full((keep,), -1, dtype=torch.long, device=self.ptr.device)
             self._ring_write(self.payload(name), values, start)

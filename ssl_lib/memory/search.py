@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -287,9 +287,28 @@ def _scores(q: Tensor, block: Tensor) -> Tensor:
 
 
 def _torch_search(bank: Tensor, q: Tensor, k: int, chunk_size: int) -> tuple[Tensor, Tensor]:
+    return search_blocks(_blocks(bank, chunk_size), q, k)
+
+
+@torch.no_grad()
+def search_blocks(blocks: Iterable[tuple], queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Exact top-``k`` inner products of ``queries`` over rows given block by block.
+
+    ``blocks`` yields ``(first_row, rows)`` or ``(first_row, rows, allowed)``: float32 rows on
+    the queries' device, e.g. assembled on the fly from a cache that is never materialised whole
+    (CMSF-2Q's second bank), and optionally a bool vector marking the rows that may be returned.
+    Returns ``(similarities, indices)`` (B x k, descending); slots without an allowed row have
+    similarity -inf. ``k`` larger than the number of rows returns all rows.
+    """
     top = _RunningTopK(k)
-    for start, block in _blocks(bank, chunk_size):
-        top.add_scores(_scores(q, block), start)
+    q = queries.detach().float().contiguous()
+    for start, block, *allowed in blocks:
+        scores = _scores(q, block)
+        if allowed:
+            scores = scores.masked_fill(~allowed[0].view(1, -1), float("-inf"))
+        top.add_scores(scores, start)
+    if top.values is None:
+        raise ValueError("search_blocks got no rows to search")
     return top.values, top.indices
 
 

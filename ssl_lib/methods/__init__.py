@@ -4,6 +4,8 @@ from ssl_lib.methods import (  # noqa: F401  (registers the methods)
     barlow_twins,
     blockwise,
     byol,
+    cmsf,
+    cmsf_semi,
     isd,
     moco,
     msf,
@@ -11,7 +13,12 @@ from ssl_lib.methods import (  # noqa: F401  (registers the methods)
 from ssl_lib.methods.base import SSLMethod
 from ssl_lib.methods.registry import METHODS
 
-__all__ = ["METHODS", "SSLMethod", "build_method", "load_method"]
+__all__ = ["METHODS", "SSLMethod", "build_method", "load_method", "prepare_config"]
+
+
+def prepare_config(cfg, datamodule) -> None:
+    """Let the configured method fill values that depend on the training data (in place)."""
+    METHODS.get(cfg.method.name).prepare_config(cfg, datamodule)
 
 
 def build_method(cfg) -> SSLMethod:

@@ -67,6 +67,15 @@ class SSLMethod(pl.LightningModule):
             )
             self.target.requires_grad_(False)
 
+    @classmethod
+    def prepare_config(cls, cfg: DictConfig, datamodule: Any) -> None:
+        """Fill config values that come from the training data, before the method is built.
+
+        Called by :func:`ssl_lib.train.train` after the data were checked, so the resolved
+        values land in the run's ``config.yaml`` and checkpoint (e.g. the dataset size that
+        sizes CMSF's per-image caches). Raises ``ConfigError`` when data and config disagree.
+        """
+
     # ----------------------------------------------------------------- networks
     def build_projector(self, proj_cfg: MLPConfig | None) -> nn.Module:
         """The online projector on the backbone features (``nn.Identity`` for ``null``).
@@ -98,8 +107,10 @@ class SSLMethod(pl.LightningModule):
         z = self.target["projector"](self.target["backbone"](x))
         return unshuffle_batch(z, unshuffle_idx) if shuffle else z
 
-    def build_bank(self, min_size: int, why: str) -> MemoryBank:
-        """A memory bank of ``method.bank_size`` target embeddings with a ``labels`` payload.
+    def build_bank(
+        self, min_size: int, why: str, payloads: tuple[str, ...] = ("labels",)
+    ) -> MemoryBank:
+        """A memory bank of ``method.bank_size`` target embeddings with int64 ``payloads``.
 
         Its width is the embedding dim; it is a submodule, so checkpoints save it. ``min_size``
         is the least size the method can work with (``why`` explains it in the error).
@@ -110,7 +121,7 @@ class SSLMethod(pl.LightningModule):
         return MemoryBank(
             m.bank_size,
             self.embed_dim,
-            payloads=("labels",),
+            payloads=payloads,
             dtype=m.bank_dtype,
             backend=m.search_backend,
             seed=self.cfg.run.seed,

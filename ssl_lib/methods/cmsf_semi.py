@@ -1,0 +1,231 @@
+"""Semi-supervised CMSF with pseudo-labels (CMSF-Pseudo; Navaneet et al., ECCV 2022).
+
+A labelled subset of the training images (``data.labelled_subset`` or
+``data.labelled_fraction``) keeps its labels. An MLP pseudo-labeller on the normalised target
+projection ``u`` labels the rest: a query whose pseudo-label confidence reaches
+``method.confidence`` (0.85) is constrained to bank rows with the same (pseudo-)label; a less
+confident one is unconstrained and is stored with label -1, which no labelled query matches.
+Labelled queries always use their true label. ``L = L_c`` with k = 10.
+
+The pseudo-labeller is trained on a ring buffer of the labelled samples' target embeddings
+(``sup_cache_size`` rows, all-gathered), twice per epoch (mid-epoch when the global batch is
+below 1024, and after the epoch) for ``pseudo_epochs`` passes with a fresh SGD optimiser each
+round; its weights persist across rounds. Between rounds it is frozen (eval mode) and outside
+the main optimiser and DDP's gradient synchronisation; after a round rank 0's weights are
+broadcast so every rank labels identically.
+
+Differences from the original, by design: the buffer of labelled embeddings wraps around like
+the memory bank instead of sliding its pointer back to write a batch contiguously (same
+contents up to which old rows are replaced first). With ``constraint_warmup_epochs: 0`` the
+first round also trains on the never-filled rows (random vectors, class 0) as the original
+does; with a warm-up those rows are ignored and no pseudo-label is used during the warm-up.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssl_lib.config import ConfigError
+from ssl_lib.distributed import is_dist
+from ssl_lib.memory import MemoryBank, SameLabel
+from ssl_lib.methods.cmsf import CMSFBase, CMSFConfig, set_num_samples
+from ssl_lib.methods.registry import METHODS
+from ssl_lib.models import MLPConfig, build_mlp
+
+
+@dataclass
+class CMSFSemiConfig(CMSFConfig):
+    """CMSF-Pseudo. ``num_samples`` / ``num_classes``: ``null`` = taken from the data."""
+
+    name: str = "cmsf_semi"
+    k: int = 10
+    num_samples: int | None = None
+    num_classes: int | None = None
+    confidence: float = 0.85
+    pseudo_hidden_dim: int = 1024
+    pseudo_lr: float = 0.01
+    pseudo_momentum: float = 0.9
+    pseudo_weight_decay: float = 1e-4
+    pseudo_epochs: int = 10
+    pseudo_batch_size: int = 256
+    sup_cache_size: int = 128000
+
+
+def train_classifier(
+    head: nn.Module,
+    features: Tensor,
+    labels: Tensor,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    seed: int,
+) -> float:
+    """Train ``head`` in place with cross-entropy and a fresh SGD; returns the last epoch's loss."""
+    head.train()
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    n = features.shape[0]
+    last = float("nan")
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen).to(features.device)
+        total, count = 0.0, 0
+        for start in range(0, n, batch_size):
+            batch = order[start : start + batch_size]
+            if batch.numel() < 2:  # BatchNorm needs two samples
+                continue
+            loss = F.cross_entropy(head(features[batch]), labels[batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * batch.numel()
+            count += batch.numel()
+        last = total / max(count, 1)
+    head.eval()
+    return last
+
+
+@METHODS.register("cmsf_semi")
+class CMSFSemiSupervised(CMSFBase):
+    """CMSF-Pseudo: constraint by true labels (labelled) or confident pseudo-labels (others)."""
+
+    config_class = CMSFSemiConfig
+    bank_payloads = ("labels", "index", "pseudo")
+
+    @classmethod
+    def prepare_config(cls, cfg, datamodule) -> None:
+        train_set = datamodule.build_train_set()
+        set_num_samples(cfg, len(train_set))
+        if datamodule.labelled_mask() is None:
+            raise ConfigError(
+                "method cmsf_semi needs the labelled images: set data.labelled_subset (a file "
+                "of image paths) or data.labelled_fraction (e.g. 0.1)"
+            )
+        classes = len(train_set.classes)
+        if cfg.method.num_classes is None:
+            cfg.method.num_classes = classes
+        elif cfg.method.num_classes < classes:
+            raise ConfigError(
+                f"method.num_classes={cfg.method.num_classes} but the training data has "
+                f"{classes} classes"
+            )
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        m = self.cfg.method
+        for key in ("num_samples", "num_classes"):
+            if getattr(m, key) is None or getattr(m, key) < 1:
+                raise ValueError(
+                    f"method.{key} must be set for cmsf_semi (null is filled in by "
+                    f"`ssl-lib train` from the data), got {getattr(m, key)}"
+                )
+        if not 0 < m.confidence <= 1:
+            raise ValueError(f"method.confidence must lie in (0, 1], got {m.confidence}")
+        self.pseudo_head = build_mlp(
+            self.embed_dim, MLPConfig(hidden_dim=m.pseudo_hidden_dim, out_dim=m.num_classes)
+        )
+        self.pseudo_head.requires_grad_(False)  # trained in its own rounds, not by DDP
+        self.sup_cache = MemoryBank(
+            m.sup_cache_size, self.embed_dim, payloads=("labels",), seed=self.cfg.run.seed + 2
+        )
+        self.register_buffer("is_labelled", torch.zeros(m.num_samples, dtype=torch.bool))
+        self.register_buffer("pseudo_rounds", torch.zeros((), dtype=torch.long))
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [m for m in super().trainable_modules() if m is not self.pseudo_head]
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        mask = datamodule.labelled_mask() if datamodule is not None else None
+        if mask is None:
+            raise ValueError(
+                "cmsf_semi trains with ssl_lib.data.SSLDataModule and data.labelled_subset or "
+                "data.labelled_fraction"
+            )
+        if mask.shape != self.is_labelled.shape:
+            raise ValueError(
+                f"labelled mask covers {mask.numel()} images, method.num_samples is "
+                f"{self.is_labelled.numel()}"
+            )
+        self.is_labelled.copy_(mask)
+
+    # ----------------------------------------------------------------- step
+    @torch.no_grad()
+    def pseudo_labels(self, u: Tensor, labels: Tensor, index: Tensor) -> Tensor:
+        """True label for labelled images, confident pseudo-label or -1 for the others."""
+        labelled = self.is_labelled[index.to(self.is_labelled.device)].to(u.device)
+        unknown = torch.full_like(labels, -1)
+        # The original labels with the head from the first step on (untrained at first).
+        trained = self.constraint_active() and int(self.pseudo_rounds) > 0
+        if self.original_early_training or trained:
+            self.pseudo_head.eval()
+            conf, pred = F.softmax(self.pseudo_head(u), dim=1).max(dim=1)
+            unknown = torch.where(conf >= self.cfg.method.confidence, pred, unknown)
+        return torch.where(labelled, labels, unknown)
+
+    def compute_loss(self, views: list[Tensor], labels: Tensor, index: Tensor):
+        q, u = self.embed(views)
+        labels = labels.long()
+        pseudo = self.pseudo_labels(u, labels, index)
+        labelled = self.is_labelled[index.to(self.is_labelled.device)].to(u.device)
+        g = self.gather_batch(u=u, labels=labels, index=index.long(), pseudo=pseudo, sup=labelled)
+        self.bank.enqueue(
+            g["u"], gathered=True, labels=g["labels"], index=g["index"], pseudo=g["pseudo"]
+        )
+        if bool(g["sup"].any()):
+            self.sup_cache.enqueue(g["u"][g["sup"]], gathered=True, labels=g["labels"][g["sup"]])
+        constrained = self.bank.search(u, self.cfg.method.k, SameLabel(pseudo, payload="pseudo"))
+        loss, extra = self.finish(q, u, labels, constrained)
+        unlabelled = ~labelled
+        if bool(unlabelled.any()):
+            extra["confident_unlabelled"] = (pseudo[unlabelled] >= 0).float().mean()
+        return loss, extra
+
+    # ----------------------------------------------------------------- pseudo-labeller
+    @torch.no_grad()
+    def train_pseudo_labeller(self) -> None:
+        """One round on the cached labelled embeddings (identical result on every rank)."""
+        m = self.cfg.method
+        feats = self.sup_cache.gather(torch.arange(self.sup_cache.size))
+        labels = self.sup_cache.payload("labels")
+        if self.original_early_training:
+            labels = labels.clamp(min=0)  # unfilled rows train as class 0, as in the original
+        else:
+            keep = labels >= 0
+            feats, labels = feats[keep], labels[keep]
+        if labels.numel() >= 2:
+            head = copy.deepcopy(self.pseudo_head).requires_grad_(True)
+            with torch.enable_grad():
+                loss = train_classifier(
+                    head,
+                    feats,
+                    labels,
+                    m.pseudo_epochs,
+                    m.pseudo_batch_size,
+                    m.pseudo_lr,
+                    m.pseudo_momentum,
+                    m.pseudo_weight_decay,
+                    seed=self.cfg.run.seed + int(self.pseudo_rounds),
+                )
+            self.pseudo_head.load_state_dict(head.state_dict())
+            self.log("train/pseudo_labeller_loss", loss)
+        if is_dist():
+            for t in self.pseudo_head.state_dict().values():
+                torch.distributed.broadcast(t, src=0)
+        self.pseudo_rounds += 1
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        n = self.trainer.num_training_batches
+        mid_epoch = self.cfg.data.batch_size < 1024 and isinstance(n, int) and n >= 2
+        if mid_epoch and batch_idx == n // 2 - 1:
+            self.train_pseudo_labeller()
+
+    def on_train_epoch_end(self) -> None:
+        self.train_pseudo_labeller()
