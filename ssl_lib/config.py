@@ -93,6 +93,8 @@ class DataConfig:
     ``views``: view pipeline names; for asymmetric methods views[0] goes to the online
     (student / query) network and views[1] to the target (teacher / key) network.
     ``batch_size`` is the global batch, split evenly over all processes.
+    ``max_image_pixels``: image files with more pixels are refused as unreadable (PIL's
+    decompression-bomb guard; ``null``: no limit).
     """
 
     dataset: str = "synthetic"
@@ -105,6 +107,7 @@ class DataConfig:
     num_workers: int = 4
     max_samples: int | None = None
     skip_corrupt: bool = False
+    max_image_pixels: int | None = 89_478_485
     drop_last: bool = True
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -381,6 +384,7 @@ class EvalDataConfig:
     ``labelled_subset``: a file list (``relative/path [label]`` under ``train_root``) that
     replaces the train set, for the 1 % / 10 % semi-supervised evaluations.
     ``max_train_samples`` / ``max_val_samples`` keep a seeded random subset (quick checks).
+    ``max_image_pixels``: as ``data.max_image_pixels`` of a training recipe.
     """
 
     dataset: str = "image_folder"
@@ -393,6 +397,7 @@ class EvalDataConfig:
     num_workers: int = 4
     max_train_samples: int | None = None
     max_val_samples: int | None = None
+    max_image_pixels: int | None = 89_478_485
     seed: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 

@@ -18,6 +18,7 @@ import socket
 import traceback
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -200,6 +201,22 @@ def _sync_bn_on_cpu() -> str:
     return "no error"
 
 
+def _sequential_blocks_under_ddp(find_unused_parameters: bool) -> str:
+    """``on_fit_start`` of the sequential blockwise schedule inside a DDP wrapper."""
+    model = _fresh_method(case_config("blockwise_sequential"))
+    ddp_model = DistributedDataParallel(
+        _TrainingStep(model), find_unused_parameters=find_unused_parameters
+    )
+    model._trainer = SimpleNamespace(strategy=SimpleNamespace(model=ddp_model))
+    try:
+        model.on_fit_start()
+    except ConfigError as err:
+        return str(err)
+    finally:
+        model._trainer = None
+    return "no error"
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -212,7 +229,12 @@ def _worker(rank: int, port: int, out: str) -> None:
             except Exception:
                 result = {"error": traceback.format_exc()}
             torch.save(result, Path(out) / f"{case}.rank{rank}.pt")
-        torch.save({"sync_bn_on_cpu": _sync_bn_on_cpu()}, Path(out) / f"misc.rank{rank}.pt")
+        misc = {
+            "sync_bn_on_cpu": _sync_bn_on_cpu(),
+            "sequential_ddp": _sequential_blocks_under_ddp(False),
+            "sequential_ddp_unused": _sequential_blocks_under_ddp(True),
+        }
+        torch.save(misc, Path(out) / f"misc.rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -326,6 +348,13 @@ def test_sync_bn_on_cpu_processes_fails_clearly(ddp_runs: Path):
         message = torch.load(ddp_runs / f"misc.rank{rank}.pt")["sync_bn_on_cpu"]
         assert "method.sync_bn=true needs GPU processes" in message
         assert "method.sync_bn=false" in message
+
+
+def test_sequential_blocks_need_unused_parameter_detection(ddp_runs: Path):
+    for rank in range(WORLD):
+        misc = torch.load(ddp_runs / f"misc.rank{rank}.pt")
+        assert "ddp_find_unused_parameters_true" in misc["sequential_ddp"]
+        assert misc["sequential_ddp_unused"] == "no error"
 
 
 @pytest.mark.parametrize("case", ["moco", "isd", "msf"])
