@@ -80,22 +80,30 @@ def test_image_modes_become_rgb(tmp_path, mode, suffix, pixels, rgb):
     assert [tuple(p) for p in np.asarray(img).reshape(-1, 3).tolist()] == rgb
 
 
-@pytest.mark.parametrize("limit", [20, 50])  # above twice the limit / between 1x and 2x
-def test_image_over_the_pixel_limit_fails_naming_it(tmp_path, limit):
+def test_image_over_the_pixel_limit_fails_naming_it(tmp_path):
     root = make_folder(tmp_path / "data")  # 8 x 8 = 64 pixels
     bad = root / "a" / "1.png"
-    Image.new("RGB", (16, 16)).save(bad)  # 256 pixels: over both limits
+    Image.new("RGB", (16, 16)).save(bad)  # 256 pixels
     before = Image.MAX_IMAGE_PIXELS
-    ds = image_folder(str(root), max_image_pixels=limit * 4)
+    ds = image_folder(str(root), max_image_pixels=255)
     assert ds[0][0].size == (8, 8)  # under the limit: read
     with pytest.raises(DataError) as err:
         ds[1]
     message = str(err.value)
-    assert "\n" not in message and f"cannot read image '{bad}'" in message
-    assert "data.max_image_pixels" in message and "skip_corrupt" in message
+    assert "\n" not in message and f"cannot read image '{bad}': 16 x 16 = 256 pixels" in message
+    assert "data.max_image_pixels=255" in message and "skip_corrupt" in message
     assert Image.MAX_IMAGE_PIXELS == before  # PIL's own setting is left as it was
+    assert image_folder(str(root), max_image_pixels=256)[1][0].size == (16, 16)  # at the limit
     assert image_folder(str(root), max_image_pixels=None)[1][0].size == (16, 16)
-    skipping = image_folder(str(root), skip_corrupt=True, max_image_pixels=limit * 4)
+    # PIL's own guard would only warn up to twice its limit; the limit here is exact
+    Image.MAX_IMAGE_PIXELS = 200
+    try:
+        with pytest.raises(DataError, match="data.max_image_pixels=255"):
+            image_folder(str(root), max_image_pixels=255)[1]
+        assert image_folder(str(root), max_image_pixels=1000)[1][0].size == (16, 16)
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+    skipping = image_folder(str(root), skip_corrupt=True, max_image_pixels=255)
     with pytest.warns(UserWarning, match="1.png"):
         assert skipping[1][0].size == (8, 8)  # replaced by the next readable image
     assert skipping.num_skipped == 1

@@ -35,19 +35,12 @@ class DataError(ValueError):
 
 
 @contextmanager
-def pixel_limit(max_pixels: int | None) -> Iterator[None]:
-    """Refuse images of more than ``max_pixels`` pixels (``None``: no limit) in this block.
-
-    PIL's own guard warns above ``Image.MAX_IMAGE_PIXELS`` and fails above twice that; here the
-    limit is set for the block and its warning raised as an error, so any image above
-    ``max_pixels`` fails. PIL's setting is restored on exit.
-    """
+def _pil_pixel_check_off() -> Iterator[None]:
+    """Switch PIL's own decompression-bomb check off in this block (restored on exit)."""
     saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
+        yield
     finally:
         Image.MAX_IMAGE_PIXELS = saved
 
@@ -55,16 +48,20 @@ def pixel_limit(max_pixels: int | None) -> Iterator[None]:
 def load_rgb(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Open an image file as RGB (grayscale, palette, RGBA and CMYK are converted).
 
-    Images of more than ``max_pixels`` pixels raise a ``ValueError`` (``None``: no limit).
+    An image of more than ``max_pixels`` pixels (``None``: no limit) raises a ``ValueError``
+    before it is decoded; this replaces PIL's own guard, which warns above
+    ``Image.MAX_IMAGE_PIXELS`` and fails only above twice that.
     """
-    with open(path, "rb") as f, pixel_limit(max_pixels):
-        try:
-            img = Image.open(f)
-            img.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    with open(path, "rb") as f, _pil_pixel_check_off():
+        img = Image.open(f)  # reads the header only
+        width, height = img.size
+        if max_pixels is not None and width * height > max_pixels:
             raise ValueError(
-                f"{err} Raise data.max_image_pixels (null: no limit) if the file is genuine"
-            ) from None
+                f"{width} x {height} = {width * height} pixels, more than "
+                f"data.max_image_pixels={max_pixels} (a guard against decompression bombs; "
+                "raise it, or set it to null, if the file is genuine)"
+            )
+        img.load()
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit single channel: rescale to 8 bits instead of clipping.
         import numpy as np
