@@ -127,10 +127,14 @@ class _TrainingStep(nn.Module):
 
 def _run_case(case: str, rank: int, out: Path) -> dict[str, Any]:
     cfg = case_config(case)
-    # The loss of step 0's batch in eval mode (fixed BatchNorm statistics, no noise), to compare
-    # with one process computing it on the whole global batch.
+    ddp_kwargs = CASES[case].get("ddp", {})
+    # Loss and gradient of step 0's batch in eval mode (fixed BatchNorm statistics, no noise),
+    # to compare with one process computing them on the whole global batch.
     model = _fresh_method(cfg).eval()
-    eval_loss = model.compute_loss(*_batch(0, rank))[0].item()
+    eval_ddp = DistributedDataParallel(_TrainingStep(model), **ddp_kwargs)
+    eval_loss = eval_ddp(*_batch(0, rank))
+    eval_loss.backward()
+    eval_grad = _flat_grad(model)
 
     model = _fresh_method(cfg)
     writes: list[tuple[str, Tensor, dict[str, Tensor]]] = []
@@ -146,7 +150,7 @@ def _run_case(case: str, rank: int, out: Path) -> dict[str, Any]:
     base.shuffle_batch = lambda x: shuffles.append(x.shape[0]) or real_shuffle(x)
     try:
         ddp_model = DistributedDataParallel(
-            _TrainingStep(model), broadcast_buffers=False, **CASES[case].get("ddp", {})
+            _TrainingStep(model), broadcast_buffers=False, **ddp_kwargs
         )
         model.on_train_epoch_start()
         params = [p for m in model.trainable_modules() for p in m.parameters() if p.requires_grad]
@@ -169,7 +173,8 @@ def _run_case(case: str, rank: int, out: Path) -> dict[str, Any]:
         ckpt = {"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}
         torch.save(ckpt, out / f"{case}.ckpt")
     return {
-        "eval_loss": eval_loss,
+        "eval_loss": eval_loss.item(),
+        "eval_grad": eval_grad,
         "losses": losses,
         "state": model.state_dict(),
         "bn_buffers": _batchnorm_buffers(model),
@@ -177,6 +182,14 @@ def _run_case(case: str, rank: int, out: Path) -> dict[str, Any]:
         "shuffles": shuffles,
         "probe": probe,
     }
+
+
+def _flat_grad(model: SSLMethod) -> Tensor:
+    """All trainable parameters' gradients as one vector (zeros where there is none)."""
+    params = [p for m in model.trainable_modules() for p in m.parameters() if p.requires_grad]
+    return torch.cat(
+        [torch.zeros(p.numel()) if p.grad is None else p.grad.flatten() for p in params]
+    )
 
 
 def _batchnorm_buffers(model: nn.Module) -> list[str]:
@@ -308,18 +321,28 @@ def test_ddp_banks_hold_every_written_row(ddp_runs: Path, case: str):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_ddp_loss_equals_single_process_loss(ddp_runs: Path, case: str):
+def test_ddp_loss_and_gradient_match_single_process(ddp_runs: Path, case: str):
     results = _results(ddp_runs, case)
     model = _fresh_method(case_config(case)).eval()
-    single = model.compute_loss(*_global_batch(0))[0].item()
+    single = _TrainingStep(model)(*_global_batch(0))
+    single.backward()
+    grad = _flat_grad(model)
     ranks = [res["eval_loss"] for res in results]
+    for res in results:  # DDP averaged the gradients: the same on both ranks
+        assert torch.equal(res["eval_grad"], results[0]["eval_grad"])
+    tolerance = {"rtol": 1e-3, "atol": 1e-5 * float(grad.abs().max())}
     if CASES[case].get("loss", "mean") == "global":
         for value in ranks:
-            assert value == pytest.approx(single, rel=1e-4, abs=1e-6)
+            assert value == pytest.approx(single.item(), rel=1e-4, abs=1e-6)
         # one rank's half on its own (local statistics) gives another loss
-        assert model.compute_loss(*_batch(0, 0))[0].item() != pytest.approx(single, rel=1e-3)
+        half = _TrainingStep(_fresh_method(case_config(case)).eval())(*_batch(0, 0))
+        assert half.item() != pytest.approx(single.item(), rel=1e-3)
+        # each rank differentiates the global loss for its own rows only, and DDP divides the
+        # sum of those gradients by the number of processes (as the official Barlow Twins)
+        torch.testing.assert_close(results[0]["eval_grad"], grad / WORLD, **tolerance)
     else:
-        assert sum(ranks) / WORLD == pytest.approx(single, rel=1e-4, abs=1e-6)
+        assert sum(ranks) / WORLD == pytest.approx(single.item(), rel=1e-4, abs=1e-6)
+        torch.testing.assert_close(results[0]["eval_grad"], grad, **tolerance)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
