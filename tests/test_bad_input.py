@@ -11,10 +11,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from ssl_lib.config import build_eval_config, config_from_dict
+from ssl_lib.cli import main
+from ssl_lib.config import ConfigError, build_eval_config, config_from_dict
 from ssl_lib.data import DataError, SSLDataModule, build_base_dataset, file_list, image_folder
 from ssl_lib.data.datasets import load_rgb
 from ssl_lib.eval.runner import eval_datasets
+from ssl_lib.methods import build_method
 
 
 def make_folder(root, classes=("a", "b"), per_class=2, size=8):
@@ -52,8 +54,8 @@ def _save(path, mode: str, pixels) -> None:
         img = Image.new("P", (4, 1))
         img.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
         img.putdata(pixels)
-    elif mode == "I;16":
-        img = Image.fromarray(np.array([pixels], dtype=np.uint16))
+    elif mode in ("I;16", "I"):
+        img = Image.fromarray(np.array([pixels], dtype=np.uint16 if mode == "I;16" else np.int32))
     else:
         img = Image.new(mode, (4, 1))
         img.putdata(pixels)
@@ -70,6 +72,7 @@ def _save(path, mode: str, pixels) -> None:
         ("CMYK", "tiff", [(0, 0, 0, 0), (0, 255, 0, 0)] * 2, [(255, 255, 255), (255, 0, 255)] * 2),
         # 16-bit: rescaled by the image's maximum (max -> 255), not clipped to 255
         ("I;16", "png", [0, 1000, 2000, 4000], [(v, v, v) for v in (0, 63, 127, 255)]),
+        ("I", "tiff", [0, 10**5, 2 * 10**5, 4 * 10**5], [(v, v, v) for v in (0, 63, 127, 255)]),
     ],
 )
 def test_image_modes_become_rgb(tmp_path, mode, suffix, pixels, rgb):
@@ -150,3 +153,16 @@ def test_global_batch_must_split_evenly_and_fit_the_dataset(make_config):
         SSLDataModule(cfg.data).check(world_size=2)  # 40 per process, 32 samples each
     cfg = make_config(data={"batch_size": 80, "drop_last": False})
     SSLDataModule(cfg.data).check(world_size=2)  # one short batch per epoch instead
+
+
+def test_setting_a_method_rejects_is_a_one_line_error(make_config, tmp_path, capsys):
+    cfg = make_config("msf", method={"bank_size": 8})  # the global batch (16) does not fit
+    with pytest.raises(ConfigError, match=r"method.bank_size \(8\) must be >= 16"):
+        build_method(cfg)
+    args = ["train", "demo/msf", "method.bank_size=8", f"run.output_dir={tmp_path}"]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ssl-lib: error: method.bank_size (8)")
+    assert not any(tmp_path.iterdir())  # nothing written for a run that could not start
