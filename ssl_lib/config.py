@@ -96,6 +96,8 @@ class DataConfig:
     ``labelled_subset`` / ``labelled_fraction`` (semi-supervised methods only): which training
     images keep their label, as a file of image paths relative to ``root`` (or bare file names,
     like the SimCLR ImageNet subsets) or as a seeded class-balanced fraction.
+    ``max_image_pixels``: image files with more pixels are refused as unreadable (PIL's
+    decompression-bomb guard; ``null``: no limit).
     """
 
     dataset: str = "synthetic"
@@ -108,6 +110,7 @@ class DataConfig:
     num_workers: int = 4
     max_samples: int | None = None
     skip_corrupt: bool = False
+    max_image_pixels: int | None = 89_478_485
     drop_last: bool = True
     labelled_subset: str | None = None
     labelled_fraction: float | None = None
@@ -390,6 +393,7 @@ class EvalDataConfig:
     ``labelled_subset``: a file list (``relative/path [label]`` under ``train_root``) that
     replaces the train set, for the 1 % / 10 % semi-supervised evaluations.
     ``max_train_samples`` / ``max_val_samples`` keep a seeded random subset (quick checks).
+    ``max_image_pixels``: as ``data.max_image_pixels`` of a training recipe.
     """
 
     dataset: str = "image_folder"
@@ -402,6 +406,7 @@ class EvalDataConfig:
     num_workers: int = 4
     max_train_samples: int | None = None
     max_val_samples: int | None = None
+    max_image_pixels: int | None = 89_478_485
     seed: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 

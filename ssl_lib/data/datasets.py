@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,15 +16,51 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ssl_lib.data.synthetic import SyntheticPatterns
 
+# PIL's default decompression-bomb limit (1024 * 1024 * 1024 // 4 // 3 pixels).
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
 
 class DataError(ValueError):
-    """The data folder, a file in it, or a file list is unusable; the message says why."""
+    """The data folder, a file in it, or a file list is unusable; the message says why.
+
+    A ``DataLoader`` worker re-raises it in the main process with the worker's traceback in
+    the message; only the original one-line message is kept.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        marker = f"{DataError.__module__}.DataError: "
+        if "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open an image file as RGB (grayscale, palette, RGBA and CMYK are converted)."""
-    with open(path, "rb") as f:
-        img = Image.open(f)
+@contextmanager
+def _pil_pixel_check_off() -> Iterator[None]:
+    """Switch PIL's own decompression-bomb check off in this block (restored on exit)."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def load_rgb(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an image file as RGB (grayscale, palette, RGBA and CMYK are converted).
+
+    An image of more than ``max_pixels`` pixels (``None``: no limit) raises a ``ValueError``
+    before it is decoded; this replaces PIL's own guard, which warns above
+    ``Image.MAX_IMAGE_PIXELS`` and fails only above twice that.
+    """
+    with open(path, "rb") as f, _pil_pixel_check_off():
+        img = Image.open(f)  # reads the header only
+        width, height = img.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ValueError(
+                f"{width} x {height} = {width * height} pixels, more than "
+                f"data.max_image_pixels={max_pixels} (a guard against decompression bombs; "
+                "raise it, or set it to null, if the file is genuine)"
+            )
         img.load()
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit single channel: rescale to 8 bits instead of clipping.
@@ -39,16 +76,22 @@ class ImageList(Dataset):
     """Images given as ``(path, label)`` pairs; unreadable files fail naming the file.
 
     With ``skip_corrupt`` an unreadable file is replaced by the next readable one, a warning
-    names it, and :attr:`num_skipped` counts such replacements (across loader workers).
+    names it, and :attr:`num_skipped` counts such replacements (across loader workers). Images
+    of more than ``max_image_pixels`` pixels count as unreadable (``None``: no limit).
     """
 
     def __init__(
-        self, samples: list[tuple[str, int]], classes: list[str], skip_corrupt: bool = False
+        self,
+        samples: list[tuple[str, int]],
+        classes: list[str],
+        skip_corrupt: bool = False,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         self.samples = samples
         self.targets = [label for _, label in samples]
         self.classes = classes
         self.skip_corrupt = skip_corrupt
+        self.max_image_pixels = max_image_pixels
         self._skipped = multiprocessing.get_context("fork").Value("i", 0)
 
     @property
@@ -63,7 +106,7 @@ class ImageList(Dataset):
         for attempt in range(len(self.samples)):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             try:
-                return load_rgb(path), label
+                return load_rgb(path, self.max_image_pixels), label
             except (OSError, UnidentifiedImageError, ValueError) as err:
                 if not self.skip_corrupt:
                     raise DataError(
@@ -80,8 +123,17 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMG_EXTENSIONS
 
 
-def image_folder(root: str, skip_corrupt: bool = False) -> ImageList:
-    """An ImageNet-layout folder ``root/<class>/<image>``; checks it before training starts."""
+def image_folder(
+    root: str,
+    skip_corrupt: bool = False,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+) -> ImageList:
+    """An ImageNet-layout folder ``root/<class>/<image>``; checks it before training starts.
+
+    Every sub-folder of ``root`` is a class; a class holds the files under it (at any depth)
+    whose extension is an image extension (``IMG_EXTENSIONS``, any case). Other files, such as
+    ``README.txt`` or ``.DS_Store``, and files directly in ``root`` are ignored.
+    """
     base = Path(root)
     if not base.is_dir():
         raise DataError(f"data folder '{root}' does not exist (data.root)")
@@ -99,10 +151,15 @@ def image_folder(root: str, skip_corrupt: bool = False) -> ImageList:
                 f"(accepted extensions: {', '.join(IMG_EXTENSIONS)})"
             )
         samples += [(str(p), label) for p in files]
-    return ImageList(samples, classes, skip_corrupt)
+    return ImageList(samples, classes, skip_corrupt, max_image_pixels)
 
 
-def file_list(root: str, list_file: str, skip_corrupt: bool = False) -> ImageList:
+def file_list(
+    root: str,
+    list_file: str,
+    skip_corrupt: bool = False,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+) -> ImageList:
     """Images listed in ``list_file``, one ``relative/path [label]`` per line, under ``root``.
 
     Without a label the class is the path's first folder, numbered like ``image_folder(root)``
@@ -146,7 +203,7 @@ def file_list(root: str, list_file: str, skip_corrupt: bool = False) -> ImageLis
         samples.append((str(path), label))
     if not samples:
         raise DataError(f"file list '{list_file}' names no images")
-    return ImageList(samples, classes, skip_corrupt)
+    return ImageList(samples, classes, skip_corrupt, max_image_pixels)
 
 
 def _cifar(cls: type, root: str | None, train: bool, download: bool) -> Dataset:
@@ -173,11 +230,11 @@ def build_base_dataset(cfg, train: bool = True, root: str | None = None) -> Data
     if kind == "image_folder":
         if root is None:
             raise DataError("data.root must name the image folder (root/<class>/<image>)")
-        return image_folder(root, cfg.skip_corrupt)
+        return image_folder(root, cfg.skip_corrupt, cfg.max_image_pixels)
     if kind == "file_list":
         if root is None or cfg.file_list is None:
             raise DataError("data.dataset=file_list needs data.root and data.file_list")
-        return file_list(root, cfg.file_list, cfg.skip_corrupt)
+        return file_list(root, cfg.file_list, cfg.skip_corrupt, cfg.max_image_pixels)
     if kind in ("cifar10", "cifar100"):
         return _cifar(CIFAR10 if kind == "cifar10" else CIFAR100, root, train, cfg.download)
     raise DataError(f"unknown data.dataset '{kind}'")

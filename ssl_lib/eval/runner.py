@@ -88,8 +88,8 @@ def _split(cfg: DictConfig, train: bool) -> Dataset:
         if not Path(root).is_dir():
             raise DataError(f"data.{key}: folder '{root}' does not exist")
         if train and d.labelled_subset:
-            return file_list(root, d.labelled_subset)
-        return image_folder(root)
+            return file_list(root, d.labelled_subset, max_image_pixels=d.max_image_pixels)
+        return image_folder(root, max_image_pixels=d.max_image_pixels)
     if d.labelled_subset:
         raise ConfigError("data.labelled_subset needs data.dataset=image_folder")
     data_cfg = OmegaConf.merge(

@@ -22,8 +22,19 @@ def prepare_config(cfg, datamodule) -> None:
 
 
 def build_method(cfg) -> SSLMethod:
-    """Instantiate the method named by ``cfg.method.name`` from a validated config."""
-    return METHODS.get(cfg.method.name)(cfg)
+    """Instantiate the method named by ``cfg.method.name`` from a validated config.
+
+    A setting the method rejects (a ``ValueError`` from its checks, e.g. a bank too small for
+    the batch) is raised as a ``ConfigError`` with the same message.
+    """
+    from ssl_lib.config import ConfigError
+
+    try:
+        return METHODS.get(cfg.method.name)(cfg)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def load_method(checkpoint_path: str, map_location: str = "cpu") -> SSLMethod:

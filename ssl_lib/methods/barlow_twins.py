@@ -20,7 +20,7 @@ import torch.distributed.nn.functional as dist_fn
 import torchvision
 from torch import Tensor, nn
 
-from ssl_lib.config import MethodConfig
+from ssl_lib.config import ConfigError, MethodConfig
 from ssl_lib.distributed import world_size
 from ssl_lib.methods.base import SSLMethod
 from ssl_lib.methods.registry import METHODS
@@ -139,6 +139,16 @@ class BarlowTwins(SSLMethod):
         """Under DDP, before the optimiser is built: BatchNorm -> SyncBatchNorm (``sync_bn``)."""
         if self.cfg.method.sync_bn and world_size() > 1:
             nn.SyncBatchNorm.convert_sync_batchnorm(self)  # replaces the children in place
+
+    def on_fit_start(self) -> None:
+        """PyTorch's SyncBatchNorm runs on GPUs only: fail before the first step on CPUs."""
+        synced = any(isinstance(m, nn.SyncBatchNorm) for m in self.modules())
+        if synced and world_size() > 1 and self.device.type == "cpu":
+            raise ConfigError(
+                "method.sync_bn=true needs GPU processes (PyTorch's SyncBatchNorm does not run "
+                "on CPUs); set method.sync_bn=false for a multi-process CPU run (per-process "
+                "BatchNorm statistics)"
+            )
 
     def compute_loss(self, views: list[Tensor], labels: Tensor, index: Tensor):
         loss = self.criterion(self.project(views[0]), self.project(views[1]))

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
+from ssl_lib.config import ConfigError
 from ssl_lib.methods.barlow_twins import BarlowTwins, BarlowTwinsConfig
 from ssl_lib.methods.registry import METHODS
 from ssl_lib.models import MLPConfig, StagedBackbone, build_mlp
@@ -195,6 +197,21 @@ class BlockwiseBarlowTwins(BarlowTwins):
             for module in self.block_modules(b):
                 module.eval()
         return self
+
+    def on_fit_start(self) -> None:
+        """Under DDP the sequential schedule leaves parameters unused: DDP must expect that."""
+        super().on_fit_start()
+        wrapped = getattr(self._trainer.strategy, "model", None) if self._trainer else None
+        if (
+            self.cfg.method.schedule == "sequential"
+            and isinstance(wrapped, DistributedDataParallel)
+            and not wrapped.find_unused_parameters
+        ):
+            raise ConfigError(
+                "method.schedule=sequential trains one block at a time, so DDP must allow unused "
+                "parameters: set trainer.strategy=ddp_find_unused_parameters_true (or "
+                "ddp_spawn_find_unused_parameters_true)"
+            )
 
     def on_train_epoch_start(self) -> None:
         if self.cfg.method.schedule == "sequential":
