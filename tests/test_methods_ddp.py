@@ -68,6 +68,12 @@ CASES: dict[str, dict[str, Any]] = {
         "loss": "global",
         "ddp": {"find_unused_parameters": True},  # trainer.strategy=ddp_find_unused_parameters_true
     },
+    "cmsf_2q": {"method": {"bank_size": BANK_SIZE, "k": 3, "k_prime": 4, "num_samples": 64}},
+    "cmsf_km": {"method": {"bank_size": BANK_SIZE, "k": 3, "num_samples": 64, "num_clusters": 4}},
+    "cmsf_sup": {"method": {"bank_size": BANK_SIZE, "k": 3}},
+    "cmsf_semi": {
+        "method": {"bank_size": BANK_SIZE, "k": 3, "num_samples": 64, "num_classes": 4},
+    },
 }
 META_KEYS = ("name", "loss", "ddp")
 
@@ -108,6 +114,13 @@ def _fresh_method(cfg: DictConfig) -> SSLMethod:
     return model
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equality of state entries: tensors, or dicts of tensors (a cache's extra state)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return torch.equal(a, b)
+
+
 def _banks(model: nn.Module) -> dict[str, MemoryBank]:
     return {name: m for name, m in model.named_modules() if isinstance(m, MemoryBank)}
 
@@ -137,12 +150,19 @@ def _run_case(case: str, rank: int, out: Path) -> dict[str, Any]:
     eval_grad = _flat_grad(model)
 
     model = _fresh_method(cfg)
-    writes: list[tuple[str, Tensor, dict[str, Tensor]]] = []
+    writes: list[tuple[str, Tensor, dict[str, Tensor], bool]] = []
     for name, bank in _banks(model).items():
 
-        def record(x: Tensor, _name: str = name, _write=bank.enqueue, **payloads: Tensor) -> None:
-            writes.append((_name, x.detach().clone(), {k: v.clone() for k, v in payloads.items()}))
-            _write(x, **payloads)
+        def record(
+            x: Tensor,
+            _name: str = name,
+            _write=bank.enqueue,
+            gathered: bool = False,
+            **payloads: Tensor,
+        ) -> None:
+            copies = {k: v.clone() for k, v in payloads.items()}
+            writes.append((_name, x.detach().clone(), copies, gathered))
+            _write(x, gathered=gathered, **payloads)
 
         bank.enqueue = record
     shuffles: list[int] = []
@@ -286,10 +306,14 @@ def test_ddp_ranks_stay_identical(ddp_runs: Path, case: str):
     per_process = set(results[0]["bn_buffers"])
     assert states[0].keys() == states[1].keys()
     for key, value in states[0].items():
-        if key not in per_process:  # weights, EMA target, banks, counters: bit-identical
-            assert torch.equal(value, states[1][key]), key
+        if key not in per_process:  # weights, EMA target, banks, caches, counters: bit-identical
+            assert _same(value, states[1][key]), key
     initial = _fresh_method(case_config(case)).state_dict()
-    changed = [k for k, v in initial.items() if v.is_floating_point() and k not in per_process]
+    changed = [
+        k
+        for k, v in initial.items()
+        if isinstance(v, Tensor) and v.is_floating_point() and k not in per_process
+    ]
     assert any(not torch.equal(initial[k], states[0][k]) for k in changed), "nothing trained"
     # the batches differed, so each rank's own BatchNorm statistics differ
     assert any(not torch.equal(states[0][k], states[1][k]) for k in per_process)
@@ -305,16 +329,24 @@ def test_ddp_banks_hold_every_written_row(ddp_runs: Path, case: str):
     results = _results(ddp_runs, case)
     writes = [res["writes"] for res in results]
     assert len(writes[0]) == len(writes[1])
-    # Replay every write on a fresh single-process model: rank 0's rows, then rank 1's.
+    # Replay every write on a fresh single-process model: rank 0's rows, then rank 1's (or,
+    # for rows the method had already all-gathered, the global rows both ranks wrote).
     replay = _banks(build_method(case_config(case)))
     written = dict.fromkeys(replay, 0)
-    for (name, x0, p0), (name1, x1, p1) in zip(*writes, strict=True):
-        assert name == name1 and x0.shape == x1.shape == (LOCAL_BATCH, x0.shape[1])
+    for (name, x0, p0, g0), (name1, x1, p1, g1) in zip(*writes, strict=True):
+        assert name == name1 and g0 == g1
+        if g0:
+            assert torch.equal(x0, x1) and all(torch.equal(p0[k], p1[k]) for k in p0)
+            replay[name].enqueue(x0, gathered=True, **p0)
+            written[name] += x0.shape[0]
+            continue
+        assert x0.shape == x1.shape == (LOCAL_BATCH, x0.shape[1])
         replay[name].enqueue(torch.cat([x0, x1]), **{k: torch.cat([p0[k], p1[k]]) for k in p0})
         written[name] += x0.shape[0] + x1.shape[0]
     state = results[0]["state"]
+    if "bank" in written:  # the method's own bank: every step wrote its global batch
+        assert written["bank"] >= STEPS * GLOBAL_BATCH
     for name, bank in replay.items():
-        assert written[name] >= STEPS * GLOBAL_BATCH  # every step wrote its global batch
         assert int(state[f"{name}.num_seen"]) == written[name]
         for key, value in bank.state_dict().items():
             assert torch.equal(state[f"{name}.{key}"], value), f"{name}.{key}"
@@ -351,7 +383,7 @@ def test_ddp_checkpoint_loads_and_evaluates_in_one_process(ddp_runs: Path, case:
     model = load_method(str(ddp_runs / f"{case}.ckpt"))
     assert type(model) is METHODS.get(model.cfg.method.name)
     for key, value in model.state_dict().items():
-        assert torch.equal(value, results[0]["state"][key]), key
+        assert _same(value, results[0]["state"][key]), key
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(_probe_images()), results[0]["probe"])

@@ -222,7 +222,7 @@ class CMSFSemiSupervised(CMSFBase):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
-        n = self.trainer.num_training_batches
+        n = self._trainer.num_training_batches if self._trainer is not None else None
         mid_epoch = self.cfg.data.batch_size < 1024 and isinstance(n, int) and n >= 2
         if mid_epoch and batch_idx == n // 2 - 1:
             self.train_pseudo_labeller()
