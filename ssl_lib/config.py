@@ -158,6 +158,8 @@ class TrainerConfig:
     precision: str = "32-true"
     log_every_n_steps: int = 10
     checkpoint_every_n_epochs: int = 10
+    checkpoint_every_n_steps: int = 0
+    nonfinite: str = "stop"
     limit_train_batches: Any = None
     progress_bar: bool = True
 
@@ -203,6 +205,7 @@ CHOICES: dict[str, list[str]] = {
     "method.bank_dtype": ["fp32", "fp16", "bf16"],
     "method.search_backend": ["auto", "torch", "faiss"],
     "method.bank_init": ["rows", "columns"],
+    "trainer.nonfinite": ["stop", "skip"],
 }
 
 
