@@ -47,6 +47,7 @@ class SSLMethod(pl.LightningModule):
         self.cfg = cfg
         self.nonfinite_skipped = 0  # batches skipped for a NaN / Inf loss (trainer.nonfinite)
         self._skip_step = False
+        self._undo: list[tuple[Tensor, Tensor]] | None = None
         self._restored_rng: dict | None = None
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self.backbone = build_backbone(cfg.model.backbone)
@@ -203,7 +204,7 @@ class SSLMethod(pl.LightningModule):
             if not skip_mode:
                 raise NonFiniteLossError(self._nonfinite_message(loss, extra, batch_idx))
             self._skip_batch(undo, loss, extra, batch_idx)
-            return loss  # its gradients are dropped before the optimiser step
+            return loss  # the backward pass runs; then on_before_optimizer_step undoes the batch
         if undo is not None:
             self._end_undo(undo, revert=False)
             self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
@@ -254,9 +255,8 @@ class SSLMethod(pl.LightningModule):
     def _skip_batch(
         self, undo: list | None, loss: Tensor, extra: dict[str, Tensor], batch_idx: int
     ) -> None:
-        """Skip mode: restore the EMA target, BN statistics and banks; drop the gradients."""
-        if undo is not None:
-            self._end_undo(undo, revert=True)
+        """Skip mode: mark the batch; :meth:`on_before_optimizer_step` undoes it."""
+        self._undo = undo
         self._pending_enqueue = None
         self._skip_step = True
         self.nonfinite_skipped += 1
@@ -264,11 +264,17 @@ class SSLMethod(pl.LightningModule):
         self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """For a skipped batch, drop the gradients: the optimiser then changes nothing."""
-        if self._skip_step:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
+        """For a skipped batch: drop the gradients (the optimiser then changes nothing) and
+        restore the EMA target, BatchNorm statistics and banks (after the backward pass, which
+        may still need the tensors as they were)."""
+        if not self._skip_step:
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        if self._undo is not None:
+            self._end_undo(self._undo, revert=True)
+            self._undo = None
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
