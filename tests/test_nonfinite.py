@@ -12,15 +12,16 @@ from omegaconf import OmegaConf
 
 import ssl_lib.train
 from ssl_lib.cli import main
+from ssl_lib.methods import METHODS
 from ssl_lib.methods.msf import MSF
 from ssl_lib.train import train
 
 MSF_SMALL = ["method.bank_size=48", "method.k=3"]
 
 
-def inject_nan(monkeypatch, steps: set[int]) -> None:
-    """MSF's loss becomes NaN at the given global steps (after its real forward pass)."""
-    real = MSF.compute_loss
+def inject_nan(monkeypatch, steps: set[int], cls: type = MSF) -> None:
+    """The method's loss becomes NaN at the given global steps (after its real forward pass)."""
+    real = cls.compute_loss
 
     def compute_loss(self, views, labels, index):
         loss, extra = real(self, views, labels, index)
@@ -28,7 +29,7 @@ def inject_nan(monkeypatch, steps: set[int]) -> None:
             loss = loss * float("nan")
         return loss, extra
 
-    monkeypatch.setattr(MSF, "compute_loss", compute_loss)
+    monkeypatch.setattr(cls, "compute_loss", compute_loss)
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
@@ -85,9 +86,14 @@ def changed(a: dict, b: dict) -> list[str]:
     return [k for k in b if k not in a or not torch.equal(a[k], b[k])]
 
 
-def test_skip_mode_skips_the_batch_without_changing_anything(make_config, tmp_path, monkeypatch):
-    cfg = make_config("msf", [*MSF_SMALL, "trainer.nonfinite=skip", f"run.output_dir={tmp_path}"])
-    inject_nan(monkeypatch, {2})
+@pytest.mark.parametrize("method", ["msf", "isd"])
+def test_skip_mode_skips_the_batch_without_changing_anything(
+    method, make_config, tmp_path, monkeypatch
+):
+    """MSF writes its bank before the loss; ISD's loss reads the bank in the backward pass."""
+    small = MSF_SMALL if method == "msf" else ["method.bank_size=48"]
+    cfg = make_config(method, [*small, "trainer.nonfinite=skip", f"run.output_dir={tmp_path}"])
+    inject_nan(monkeypatch, {2}, METHODS.get(method))
     rec = StateRecorder()
     with pytest.warns(UserWarning, match="skipping the batch: non-finite loss at global step 2"):
         run_dir = train(cfg, callbacks=[rec])
