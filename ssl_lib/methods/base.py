@@ -228,9 +228,9 @@ class SSLMethod(pl.LightningModule):
         terms = ", ".join(f"{k}={float(v):.6g}" for k, v in extra.items()) or "none"
         return (
             f"non-finite loss at global step {self.global_step} (epoch {self.current_epoch}, "
-            f"batch {batch_idx}): loss={float(loss):.6g}; loss terms: {terms}. Training "
-            "stopped before this step changed anything. Lower optim.lr (or add a warm-up), or "
-            "set trainer.nonfinite=skip to skip such batches"
+            f"batch {batch_idx}): loss={float(loss):.6g}; loss terms: {terms}. No optimiser "
+            "step was taken and no checkpoint of this state written. Lower optim.lr (or add a "
+            "warm-up), or set trainer.nonfinite=skip to skip such batches"
         )
 
     def _begin_undo(self) -> list[tuple[Tensor, Tensor]]:
