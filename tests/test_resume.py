@@ -133,11 +133,13 @@ def reference(tmp_path_factory):
     return get
 
 
-def resume_and_compare(ref: dict, run_dir: Path, ckpt: Path) -> None:
-    """Resume ``ckpt`` in ``run_dir`` and check the rest of the run against ``ref``."""
+def resume_and_compare(ref: dict, run_dir: Path, ckpt: Path, workers: int = 0) -> None:
+    """Resume ``ckpt`` in ``run_dir`` (with ``workers`` loader processes) and check the rest of
+    the run against ``ref`` (which loaded in the main process)."""
     from ssl_lib.config import build_config
 
-    cfg = build_config([("config", OmegaConf.load(ref["config"]))])
+    layers = [("config", OmegaConf.load(ref["config"]))]
+    cfg = build_config(layers, [f"data.num_workers={workers}"])
     start = load(ckpt)["global_step"]
     rec = Recorder()
     train(cfg, run_dir=run_dir, resume_from=ckpt, callbacks=[rec])
@@ -172,7 +174,7 @@ def test_resume_at_epoch_end_is_exact(reference, tmp_path):
     ref = reference("byol")
     kept = ref["kept"] / "step4.ckpt"
     assert load(kept)["SSLDataModule"]["epoch_done"]
-    resume_and_compare(ref, tmp_path / "run", kept)
+    resume_and_compare(ref, tmp_path / "run", kept, workers=2)
 
 
 def start_worker(method: str, out: Path, marker: Path, step: int) -> subprocess.Popen:
@@ -224,7 +226,7 @@ def test_resume_after_a_signal_is_exact(method, sig, step, reference, tmp_path):
         assert proc.returncode == -signal.SIGKILL
         assert load(ckpt)["global_step"] == 6
         assert not list(ckpt.parent.glob(".*.tmp"))
-    resume_and_compare(ref, run_dir, ckpt)
+    resume_and_compare(ref, run_dir, ckpt, workers=2 if sig == signal.SIGTERM else 0)
 
 
 def test_data_order_and_views_depend_only_on_seed_epoch_and_index(make_config):

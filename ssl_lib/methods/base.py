@@ -202,7 +202,11 @@ class SSLMethod(pl.LightningModule):
         self._skip_step = False
         if self._loss_is_bad(loss):
             if not skip_mode:
-                raise NonFiniteLossError(self._nonfinite_message(loss, extra, batch_idx))
+                raise NonFiniteLossError(
+                    f"{self._nonfinite_message(loss, extra, batch_idx)}. No optimiser step was "
+                    "taken and no checkpoint of this state written. Lower optim.lr (or add a "
+                    "warm-up), or set trainer.nonfinite=skip to skip such batches"
+                )
             self._skip_batch(undo, loss, extra, batch_idx)
             return loss  # the backward pass runs; then on_before_optimizer_step undoes the batch
         if undo is not None:
@@ -228,9 +232,7 @@ class SSLMethod(pl.LightningModule):
         terms = ", ".join(f"{k}={float(v):.6g}" for k, v in extra.items()) or "none"
         return (
             f"non-finite loss at global step {self.global_step} (epoch {self.current_epoch}, "
-            f"batch {batch_idx}): loss={float(loss):.6g}; loss terms: {terms}. No optimiser "
-            "step was taken and no checkpoint of this state written. Lower optim.lr (or add a "
-            "warm-up), or set trainer.nonfinite=skip to skip such batches"
+            f"batch {batch_idx}): loss={float(loss):.6g}; loss terms: {terms}"
         )
 
     def _begin_undo(self) -> list[tuple[Tensor, Tensor]]:
