@@ -58,15 +58,20 @@ def run(argv: Sequence[str]) -> int:
 
         print("\n".join(VIEWS.names()))
     elif args.command == "train":
+        from ssl_lib.methods.base import NonFiniteLossError
         from ssl_lib.train import resume, train
 
-        if args.resume:
-            overrides = ([args.recipe] if args.recipe else []) + args.overrides
-            resume(args.resume, overrides)
-        elif not args.recipe:
-            raise ConfigError("ssl-lib train needs a RECIPE (or --resume RUN_DIR)")
-        else:
-            train(load_config(args.recipe, args.overrides))
+        try:
+            if args.resume:
+                overrides = ([args.recipe] if args.recipe else []) + args.overrides
+                resume(args.resume, overrides)
+            elif not args.recipe:
+                raise ConfigError("ssl-lib train needs a RECIPE (or --resume RUN_DIR)")
+            else:
+                train(load_config(args.recipe, args.overrides))
+        except NonFiniteLossError as err:  # a failed run rather than bad input: status 1
+            print(f"ssl-lib: error: {err}", file=sys.stderr)
+            return 1
     elif args.command == "eval":
         evaluate(args.protocol, args.checkpoint, args.args)
     return 0
@@ -90,7 +95,11 @@ def evaluate(protocol: str, checkpoint: str, args: list[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point: user errors print one line and exit with status 2."""
+    """Entry point: user errors print one line and exit with status 2.
+
+    A NaN / Inf training loss prints one line and exits with status 1; SIGTERM during training
+    writes a checkpoint and exits with status 143.
+    """
     try:
         code = run(sys.argv[1:] if argv is None else argv)
     except USER_ERRORS as err:

@@ -166,6 +166,8 @@ class TrainerConfig:
     precision: str = "32-true"
     log_every_n_steps: int = 10
     checkpoint_every_n_epochs: int = 10
+    checkpoint_every_n_steps: int = 0
+    nonfinite: str = "stop"
     limit_train_batches: Any = None
     progress_bar: bool = True
 
@@ -215,6 +217,7 @@ CHOICES: dict[str, list[str]] = {
     "method.cache_device": ["model", "cpu"],
     "method.cache_dtype": ["fp32", "fp16", "bf16"],
     "method.kmeans_backend": ["auto", "faiss", "torch"],
+    "trainer.nonfinite": ["stop", "skip"],
 }
 
 

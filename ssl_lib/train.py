@@ -3,7 +3,8 @@
 A run folder holds everything about one run::
 
     runs/<name>/config.yaml          resolved config (what actually ran)
-    runs/<name>/checkpoints/         last.ckpt and epochNNNN.ckpt every N epochs
+    runs/<name>/checkpoints/         last.ckpt (every epoch, every N steps, on SIGTERM) and
+                                     epochNNNN.ckpt every N epochs; all written atomically
     runs/<name>/tensorboard/         TensorBoard event files
     runs/<name>/metrics.json         per-epoch history and the final values
 """
@@ -13,18 +14,33 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy, Strategy
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from ssl_lib.checkpoints import (
+    CheckpointError,
+    atomic_save,
+    check_resumable,
+    read_checkpoint,
+)
 from ssl_lib.config import ConfigError, build_config
 from ssl_lib.data import SSLDataModule
 from ssl_lib.eval.monitors import build_monitors
 from ssl_lib.methods import build_method, prepare_config
+from ssl_lib.methods.base import NonFiniteLossError
+
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a run ended by SIGTERM
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -54,6 +70,55 @@ class MetricsJSON(pl.Callback):
         atomic_write_text(
             self.path, json.dumps({"history": self.history, "final": record}, indent=2)
         )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O that writes every checkpoint with :func:`atomic_save`."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        atomic_save(checkpoint, path)
+
+
+class LastCheckpoint(pl.Callback):
+    """Writes ``last.ckpt`` at every epoch end, every ``every_n_steps`` optimiser steps, when
+    training ends, and when SIGTERM stops the run.
+
+    Lightning stops a run that received SIGTERM between two batches by raising
+    ``SIGTERMException``; the checkpoint written then resumes exactly at the next batch. Other
+    exceptions (a NaN loss, a crash) write nothing: ``last.ckpt`` stays the last good state.
+    """
+
+    def __init__(self, path: Path, every_n_steps: int = 0) -> None:
+        self.path = path
+        self.every_n_steps = every_n_steps
+        self._saved_step: int | None = None
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        trainer.save_checkpoint(self.path)
+        self._saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        n, step = self.every_n_steps, trainer.global_step
+        last_of_epoch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if n > 0 and step > 0 and step % n == 0 and not last_of_epoch:
+            self._save(trainer)  # the epoch end writes the last batch's checkpoint
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._saved_step != trainer.global_step:  # e.g. max_steps reached within an epoch
+            self._save(trainer)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, SIGTERMException):
+            self._save(trainer)
 
 
 def new_run_dir(cfg: DictConfig) -> Path:
@@ -94,8 +159,36 @@ def build_strategy(name: str) -> str | Strategy:
     return name
 
 
-def train(cfg: DictConfig, run_dir: Path | None = None, resume_from: Path | None = None) -> Path:
-    """Train ``cfg`` in ``run_dir`` (a new folder if ``None``); return the run folder."""
+def _describe_checkpoint(path: Path) -> str:
+    """``'path' (global step N)``, or why there is none."""
+    if not path.is_file():
+        return "none was written yet"
+    try:
+        step = read_checkpoint(path, mmap=True).get("global_step")
+    except CheckpointError as err:
+        return str(err)
+    return f"'{path}' (global step {step})"
+
+
+def train(
+    cfg: DictConfig,
+    run_dir: Path | None = None,
+    resume_from: Path | None = None,
+    callbacks: Sequence[pl.Callback] = (),
+) -> Path:
+    """Train ``cfg`` in ``run_dir`` (a new folder if ``None``); return the run folder.
+
+    ``callbacks`` are added after the built-in ones. A NaN / Inf loss raises
+    :class:`NonFiniteLossError` (``trainer.nonfinite: stop``); SIGTERM writes ``last.ckpt`` and
+    exits with status 143.
+    """
+    if cfg.trainer.checkpoint_every_n_steps < 0:
+        raise ConfigError(
+            f"trainer.checkpoint_every_n_steps must be >= 0 (0 = off), got "
+            f"{cfg.trainer.checkpoint_every_n_steps}"
+        )
+    if resume_from is not None:
+        check_resumable(resume_from, cfg.method.name)
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     datamodule = SSLDataModule(cfg.data, cfg.run.seed)
     datamodule.check()  # bad data fails here, before any run folder exists
@@ -109,7 +202,6 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume_from: Path | None
     ckpt_dir = run_dir / "checkpoints"
     t = cfg.trainer
     callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_epochs=1),
         ModelCheckpoint(
             dirpath=ckpt_dir,
             filename="epoch{epoch:04d}",
@@ -119,6 +211,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume_from: Path | None
         ),
         *build_monitors(cfg, datamodule.build_train_set(), method.backbone.feat_dim),
         MetricsJSON(run_dir / "metrics.json"),  # after the monitors: it records their values
+        # after the monitors too: its checkpoints include their updates of the batch or epoch
+        LastCheckpoint(ckpt_dir / "last.ckpt", t.checkpoint_every_n_steps),
+        *callbacks,
     ]
     trainer = pl.Trainer(
         default_root_dir=run_dir,
@@ -135,8 +230,25 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume_from: Path | None
         limit_train_batches=t.limit_train_batches,
         enable_progress_bar=t.progress_bar,
         num_sanity_val_steps=0,
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # the data module's EpochSampler splits the data
     )
-    trainer.fit(method, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    try:
+        trainer.fit(
+            method, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None
+        )
+    except NonFiniteLossError as err:
+        last = _describe_checkpoint(ckpt_dir / "last.ckpt")
+        raise NonFiniteLossError(f"{err}. Last good checkpoint: {last}") from None
+    except SIGTERMException:
+        if trainer.is_global_zero:
+            print(
+                f"ssl-lib: stopped by SIGTERM at global step {trainer.global_step}; checkpoint "
+                f"{ckpt_dir / 'last.ckpt'} written; continue with: ssl-lib train --resume "
+                f"{run_dir}",
+                file=sys.stderr,
+            )
+        raise SystemExit(SIGTERM_EXIT_CODE) from None
     if trainer.is_global_zero:
         print(f"run folder:   {run_dir}")
         print(f"config:       {run_dir / 'config.yaml'}")

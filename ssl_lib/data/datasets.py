@@ -14,7 +14,9 @@ from torch.utils.data import Dataset, Subset
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ssl_lib.data.sampling import VIEW_STREAM, mix_seed, seeded_rng
 from ssl_lib.data.synthetic import SyntheticPatterns
+from ssl_lib.data.transforms import MultiView
 
 # PIL's default decompression-bomb limit (1024 * 1024 * 1024 // 4 // 3 pixels).
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
@@ -256,18 +258,37 @@ class IndexedDataset(Dataset):
     """Wraps a ``(image, label)`` dataset to yield ``(transform(image), label, index)``.
 
     ``index`` is the position in this dataset: memory banks and per-image caches key on it.
+    A key may also be ``(epoch, index)`` (what :class:`~ssl_lib.data.sampling.EpochSampler`
+    yields): the random transform then runs under a seed drawn from ``(seed, epoch, index)``
+    (one per view for a :class:`~ssl_lib.data.transforms.MultiView`), so the views are the same
+    in any worker process and after a resume.
     """
 
-    def __init__(self, base: Dataset, transform: Callable) -> None:
+    def __init__(self, base: Dataset, transform: Callable, seed: int = 0) -> None:
         self.base = base
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int):
-        img, label = self.base[index]
-        return self.transform(img), int(label), index
+    def __getitem__(self, key: int | tuple[int, int]):
+        if isinstance(key, tuple):
+            epoch, index = key
+            img, label = self.base[index]
+            return self._seeded_transform(img, epoch, index), int(label), index
+        img, label = self.base[key]
+        return self.transform(img), int(label), key
+
+    def _seeded_transform(self, img, epoch: int, index: int):
+        if isinstance(self.transform, MultiView):
+            seeds = [
+                mix_seed(self.seed, VIEW_STREAM, epoch, index, v)
+                for v in range(len(self.transform.transforms))
+            ]
+            return self.transform(img, seeds=seeds)
+        with seeded_rng(mix_seed(self.seed, VIEW_STREAM, epoch, index)):
+            return self.transform(img)
 
     @property
     def targets(self) -> list[int]:

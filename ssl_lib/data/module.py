@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
@@ -13,6 +15,7 @@ from ssl_lib.data.datasets import (
     labelled_mask,
     subsample,
 )
+from ssl_lib.data.sampling import SETTINGS, EpochSampler, ResumableDataLoader, restore_position
 from ssl_lib.data.transforms import MultiView
 
 
@@ -29,12 +32,15 @@ class SSLDataModule(pl.LightningDataModule):
         self.seed = seed
         self.train_set: IndexedDataset | None = None
         self._labelled: torch.Tensor | None = None
+        self._loader: ResumableDataLoader | None = None
+        self._restored: dict[str, Any] | None = None  # a checkpoint's data position
 
     def build_train_set(self) -> IndexedDataset:
         """The indexed, multi-view training set (built once)."""
         if self.train_set is None:
             base = subsample(build_base_dataset(self.cfg), self.cfg.max_samples, self.seed)
-            self.train_set = IndexedDataset(base, MultiView(self.cfg.views, self.cfg.image_size))
+            views = MultiView(self.cfg.views, self.cfg.image_size)
+            self.train_set = IndexedDataset(base, views, self.seed)
         return self.train_set
 
     def labelled_mask(self) -> torch.Tensor | None:
@@ -76,16 +82,54 @@ class SSLDataModule(pl.LightningDataModule):
         self.labelled_mask()
 
     def train_dataloader(self) -> DataLoader:
-        world = self.trainer.world_size if self.trainer is not None else 1
+        """A resumable loader: order and augmentations are functions of the run seed.
+
+        Each process reads its share of a per-epoch permutation (:class:`EpochSampler`, so the
+        Trainer must not add a distributed sampler). The position is saved with checkpoints
+        (:meth:`state_dict`) and restored here, before the first batch is drawn.
+        """
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
         self.check(world)
         ds = self.build_train_set()
         batch = self.local_batch_size(world)
-        return DataLoader(
+        rank = trainer.global_rank if trainer is not None else 0
+        sampler = EpochSampler(len(ds), batch, self.seed, rank, world)
+        if self._restored is not None:
+            restore_position(sampler, self._restored)
+            self._restored = None
+        elif trainer is not None:
+            sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+        self._loader = ResumableDataLoader(
             ds,
+            sampler,
+            position=self.position,
             batch_size=batch,
-            shuffle=True,
             drop_last=self.cfg.drop_last,
             num_workers=self.cfg.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.cfg.num_workers > 0,
+            # Its own generator: starting an epoch must not draw from the global RNG.
+            generator=torch.Generator().manual_seed(self.seed),
         )
+        return self._loader
+
+    def position(self) -> dict[str, Any]:
+        """Where training is in the data: epoch, batches consumed, and the order's settings."""
+        if self._loader is None:
+            return {}
+        sampler: EpochSampler = self._loader.sampler  # type: ignore[assignment]
+        done, total = 0, len(self._loader)
+        if self.trainer is not None:
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            total = self.trainer.num_training_batches
+        state = {key: getattr(sampler, key) for key in SETTINGS}
+        return {**state, "epoch": sampler.epoch, "batches_done": done, "epoch_done": done >= total}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: the data position."""
+        return self.position()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restored before the loader is built (Lightning restores data modules first)."""
+        self._restored = state_dict or None

@@ -15,6 +15,7 @@ from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Trans
 from PIL import ImageFilter
 from torchvision.transforms import v2
 
+from ssl_lib.data.sampling import seeded_rng
 from ssl_lib.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -114,5 +115,12 @@ class MultiView:
         self.names = list(names)
         self.transforms = [VIEWS.get(n)(size) for n in names]
 
-    def __call__(self, img) -> list[torch.Tensor]:
-        return [t(img) for t in self.transforms]
+    def __call__(self, img, seeds: list[int] | None = None) -> list[torch.Tensor]:
+        """The views of ``img``; with ``seeds``, view ``v`` is drawn under ``seeds[v]``."""
+        if seeds is None:
+            return [t(img) for t in self.transforms]
+        views = []
+        for t, seed in zip(self.transforms, seeds, strict=True):
+            with seeded_rng(seed):
+                views.append(t(img))
+        return views

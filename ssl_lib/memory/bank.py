@@ -97,6 +97,7 @@ class MemoryBank(nn.Module):
             self.register_buffer(name, torch.empty(size, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_seen", torch.zeros((), dtype=torch.long))
+        self._journal: list[tuple] | None = None
         self.reset()
 
     @torch.no_grad()
@@ -157,6 +158,8 @@ class MemoryBank(nn.Module):
         keep = min(n, self.size)
         ptr = int(self.ptr)
         start = (ptr + n - keep) % self.size
+        if self._journal is not None:
+            self._remember(start, keep)
         self._ring_write(self.embeddings, x[n - keep :], start)
         for name in self.payload_names:
             if name in payloads:
@@ -166,6 +169,33 @@ class MemoryBank(nn.Module):
             self._ring_write(self.payload(name), values, start)
         self.ptr.fill_((ptr + n) % self.size)
         self.num_seen.add_(n)
+
+    def record_undo(self) -> None:
+        """Start remembering what :meth:`enqueue` overwrites, so :meth:`stop_undo` can revert it."""
+        self._journal = []
+
+    @torch.no_grad()
+    def stop_undo(self, revert: bool) -> None:
+        """Stop remembering writes; with ``revert`` restore the bank as it was at
+        :meth:`record_undo` (rows, payloads, pointer and count)."""
+        journal, self._journal = self._journal, None
+        if not revert or not journal:
+            return
+        for rows, old in reversed(journal):
+            for name, values in old.items():
+                buf = getattr(self, name)
+                if rows is None:
+                    buf.copy_(values)
+                else:
+                    buf[rows] = values
+
+    def _remember(self, start: int, keep: int) -> None:
+        rows = (start + torch.arange(keep, device=self.ptr.device)) % self.size
+        names = ("embeddings", *self.payload_names)
+        old = {name: getattr(self, name)[rows].clone() for name in names}
+        self._journal.append((rows, old))  # type: ignore[union-attr]
+        counters = {"ptr": self.ptr.clone(), "num_seen": self.num_seen.clone()}
+        self._journal.append((None, counters))  # type: ignore[union-attr]
 
     def _ring_write(self, buf: Tensor, rows: Tensor, start: int) -> None:
         first = min(rows.shape[0], self.size - start)

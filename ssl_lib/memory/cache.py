@@ -70,6 +70,7 @@ class SampleCache(nn.Module):
         self.data: Tensor = data.to(_storage_dtype(dtype))
         self.next_slot: Tensor = torch.zeros(num_samples, dtype=torch.long)
         self.visits: Tensor = torch.zeros(num_samples, dtype=torch.uint8)
+        self._journal: list[tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
 
     # ------------------------------------------------------------------ placement
     @property
@@ -115,10 +116,27 @@ class SampleCache(nn.Module):
                 "than the cache (method.num_samples)"
             )
         slot = self.next_slot[idx]
+        if self._journal is not None:
+            old = (idx, self.data[slot, idx].clone(), slot.clone(), self.visits[idx].clone())
+            self._journal.append(old)
         self.data[slot, idx] = x.detach().to(self.device, self.data.dtype)
         if self.slots == 2:
             self.next_slot[idx] = 1 - slot
         self.visits[idx] = (self.visits[idx].long() + 1).clamp(max=255).to(torch.uint8)
+
+    def record_undo(self) -> None:
+        """Start remembering what :meth:`write` overwrites, so :meth:`stop_undo` can revert it."""
+        self._journal = []
+
+    @torch.no_grad()
+    def stop_undo(self, revert: bool) -> None:
+        """Stop remembering; with ``revert`` restore the cache as it was at :meth:`record_undo`
+        (a skipped training batch must leave no trace)."""
+        journal, self._journal = self._journal, None
+        for idx, rows, slot, visits in reversed(journal or []) if revert else []:
+            self.data[slot, idx] = rows
+            self.next_slot[idx] = slot
+            self.visits[idx] = visits
 
     def latest(self, index: Tensor) -> Tensor:
         """The most recent embedding of each image (float32, on the cache's device)."""

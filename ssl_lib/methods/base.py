@@ -10,12 +10,15 @@ bank methods, logging and ``forward(x)`` = backbone features. A method implement
 from __future__ import annotations
 
 import copy
+import random
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightly.models.utils import update_momentum
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ssl_lib.config import MethodConfig, config_from_dict
@@ -42,6 +45,10 @@ class SSLMethod(pl.LightningModule):
         super().__init__()
         cfg = config if isinstance(config, DictConfig) else config_from_dict(config)
         self.cfg = cfg
+        self.nonfinite_skipped = 0  # batches skipped for a NaN / Inf loss (trainer.nonfinite)
+        self._skip_step = False
+        self._undo: list[tuple[Tensor, Tensor]] | None = None
+        self._restored_rng: dict | None = None
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self.backbone = build_backbone(cfg.model.backbone)
         proj_cfg = cfg.model.projector
@@ -146,6 +153,23 @@ class SSLMethod(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.flush_enqueue()
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimiser step, then the pending bank rows and the per-step LR schedule.
+
+        Both happen here rather than at the end of the batch so that a checkpoint written at the
+        end of a batch (every N steps) already holds them: resuming from it is exact.
+        """
+        super().optimizer_step(*args, **kwargs)
+        if self._skip_step:
+            self._pending_enqueue = None
+        self.flush_enqueue()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """A no-op: :meth:`optimizer_step` steps the schedule."""
+
     def online_modules(self) -> list[nn.Module]:
         """The modules the target averages: backbone and projector."""
         return [self.backbone, self.projector]
@@ -181,15 +205,109 @@ class SSLMethod(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         views, labels, index = batch
+        skip_mode = self.cfg.trainer.nonfinite == "skip"
+        undo = self._begin_undo() if skip_mode else None
         if self.uses_target:
             self.update_target()
         loss, extra = self.compute_loss(views, labels, index)
+        self._skip_step = False
+        if self._loss_is_bad(loss):
+            if not skip_mode:
+                raise NonFiniteLossError(
+                    f"{self._nonfinite_message(loss, extra, batch_idx)}. No optimiser step was "
+                    "taken and no checkpoint of this state written. Lower optim.lr (or add a "
+                    "warm-up), or set trainer.nonfinite=skip to skip such batches"
+                )
+            self._skip_batch(undo, loss, extra, batch_idx)
+            return loss  # the backward pass runs; then on_before_optimizer_step undoes the batch
+        if undo is not None:
+            self._end_undo(undo, revert=False)
+            self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
         batch_size = views[0].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         for key, value in extra.items():
             self.log(f"train/{key}", value, batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
+
+    # ------------------------------------------------------- non-finite losses
+    def _loss_is_bad(self, loss: Tensor) -> bool:
+        """Whether the loss is NaN or infinite on any process (all processes agree)."""
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        trainer = self._trainer
+        if trainer is None:
+            return bad
+        return bool(trainer.strategy.reduce_boolean_decision(bad, all=False))
+
+    def _nonfinite_message(self, loss: Tensor, extra: dict[str, Tensor], batch_idx: int) -> str:
+        terms = ", ".join(f"{k}={float(v):.6g}" for k, v in extra.items()) or "none"
+        return (
+            f"non-finite loss at global step {self.global_step} (epoch {self.current_epoch}, "
+            f"batch {batch_idx}): loss={float(loss):.6g}; loss terms: {terms}"
+        )
+
+    def _begin_undo(self) -> list[tuple[Tensor, Tensor]]:
+        """Copies of what a forward pass and the EMA update change (banks and per-image caches
+        keep a journal of their writes instead)."""
+        banks = [m for m in self.modules() if hasattr(m, "record_undo")]  # banks and caches
+        in_bank = {id(t) for b in banks for t in b.buffers()}
+        tensors = [t for t in self.buffers() if id(t) not in in_bank]
+        if self.uses_target:
+            tensors += list(self.target.parameters())
+        for bank in banks:
+            bank.record_undo()
+        return [(t, t.detach().clone()) for t in tensors]
+
+    @torch.no_grad()
+    def _end_undo(self, undo: list[tuple[Tensor, Tensor]], revert: bool) -> None:
+        for bank in (m for m in self.modules() if hasattr(m, "record_undo")):
+            bank.stop_undo(revert)
+        if revert:
+            for tensor, copy in undo:
+                tensor.copy_(copy)
+
+    def _skip_batch(
+        self, undo: list | None, loss: Tensor, extra: dict[str, Tensor], batch_idx: int
+    ) -> None:
+        """Skip mode: mark the batch; :meth:`on_before_optimizer_step` undoes it."""
+        self._undo = undo
+        self._pending_enqueue = None
+        self._skip_step = True
+        self.nonfinite_skipped += 1
+        rank_zero_warn(f"skipping the batch: {self._nonfinite_message(loss, extra, batch_idx)}")
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """For a skipped batch: drop the gradients (the optimiser then changes nothing) and
+        restore the EMA target, BatchNorm statistics and banks (after the backward pass, which
+        may still need the tensors as they were)."""
+        if not self._skip_step:
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        if self._undo is not None:
+            self._end_undo(self._undo, revert=True)
+            self._undo = None
+
+    # ------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the random generators' states and the skipped-batch count with the run."""
+        checkpoint["ssl_lib"] = {
+            "rng_states": collect_rng_states(),
+            "nonfinite_skipped": self.nonfinite_skipped,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("ssl_lib", {})
+        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+        self._restored_rng = state.get("rng_states")
+
+    def on_train_start(self) -> None:
+        """Restore the random generators of a resumed run just before its first batch."""
+        if self._restored_rng is not None:
+            set_rng_states(self._restored_rng)
+            self._restored_rng = None
 
     def configure_optimizers(self) -> dict:
         cfg = self.cfg.optim
@@ -217,6 +335,33 @@ class SSLMethod(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite (``trainer.nonfinite: stop``); the message says where."""
+
+
+def collect_rng_states() -> dict[str, Any]:
+    """The states of torch (CPU and current CUDA device), numpy and ``random`` generators."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {  # tensors and plain values: loadable with weights_only
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what :func:`collect_rng_states` returned."""
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def neighbour_purity(neighbour_labels: Tensor, labels: Tensor) -> Tensor | None:

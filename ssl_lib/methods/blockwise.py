@@ -217,6 +217,10 @@ class BlockwiseBarlowTwins(BarlowTwins):
         if self.cfg.method.schedule == "sequential":
             self.freeze_blocks_before(self.active_block())
 
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.on_train_epoch_start()  # a run resumed mid-epoch gets no epoch-start hook
+
     # ----------------------------------------------------------------- training
     def block_loss(self, f1: Tensor, f2: Tensor, block: int) -> Tensor:
         """Barlow Twins loss of one block from its two feature maps."""

@@ -1,0 +1,179 @@
+"""Deterministic, resumable data order and per-sample augmentation seeds.
+
+Training data order and augmentations are pure functions of the run seed, so a run stopped at
+any batch and resumed continues exactly where it stopped, whatever ``data.num_workers``:
+
+* :class:`EpochSampler` draws the permutation of an epoch from ``(seed, epoch)`` and yields
+  ``(epoch, index)`` keys; on resume it skips the batches the stopped run had consumed.
+* :class:`~ssl_lib.data.datasets.IndexedDataset` turns an ``(epoch, index)`` key into a seed for
+  each view with :func:`mix_seed` and runs that view's random transform under
+  :func:`seeded_rng`, so augmentations depend neither on worker processes nor on their RNGs.
+* :class:`ResumableDataLoader` exposes the sampler position to Lightning, which stores it in
+  checkpoints (``loops.fit_loop.state_dict.combined_loader``) and restores it mid-epoch.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+_MASK64 = (1 << 64) - 1
+ORDER_STREAM = 1  # stream tags keep the seeds of different uses apart
+VIEW_STREAM = 2
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mix_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (order matters): a splitmix64 chain."""
+    h = 0
+    for part in parts:
+        h = _splitmix64(h ^ (int(part) & _MASK64))
+    return h >> 1
+
+
+@contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Run a block with torch (CPU), numpy and ``random`` seeded from ``seed``; restore after.
+
+    The caller's generators are left exactly as they were, so data loading in the training
+    process never shifts the random stream of training itself.
+    """
+    torch_state = torch.get_rng_state()
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    torch.manual_seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """This process's share of a per-epoch permutation, as ``(epoch, index)`` keys.
+
+    The permutation of epoch ``e`` is drawn from ``(seed, e)``; with ``world_size`` processes
+    it is cut to a multiple of ``world_size`` (dropping at most ``world_size - 1`` samples) and
+    process ``rank`` takes every ``world_size``-th item from ``rank`` on. :meth:`resume_at`
+    makes the next pass over epoch ``e`` start after ``batches`` batches of ``batch_size``.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ) -> None:
+        if num_samples < 1 or batch_size < 1:
+            raise ValueError(f"need samples and a batch size, got {num_samples}, {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.epoch = 0
+        self._resume: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch of the next pass (Lightning calls this at the start of every epoch)."""
+        self.epoch = int(epoch)
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """Skip the first ``batches`` batches the next time epoch ``epoch`` is iterated."""
+        self._resume = (int(epoch), int(batches))
+
+    def order(self, epoch: int) -> list[int]:
+        """This process's dataset indices of ``epoch``, in order."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, ORDER_STREAM, epoch))
+            perm = torch.randperm(self.num_samples, generator=g)
+        else:
+            perm = torch.arange(self.num_samples)
+        usable = self.num_samples - self.num_samples % self.world_size
+        return perm[self.rank : usable : self.world_size].tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        start = 0
+        if self._resume is not None and self._resume[0] == epoch:
+            start = self._resume[1] * self.batch_size
+        self._resume = None
+        return iter([(epoch, i) for i in self.order(epoch)[start:]])
+
+    def __len__(self) -> int:
+        return self.num_samples // self.world_size
+
+
+SETTINGS = ("seed", "batch_size", "num_samples", "world_size")
+
+
+def restore_position(sampler: EpochSampler, state: dict[str, Any]) -> None:
+    """Point ``sampler`` at the batch after a saved position (see :class:`ResumableDataLoader`).
+
+    A position saved at the end of an epoch continues with the next epoch; one saved within an
+    epoch continues that epoch after its consumed batches. A position taken with other settings
+    (seed, batch size, dataset size, number of processes) is ignored with a warning.
+    """
+    if any(state.get(key) != getattr(sampler, key) for key in SETTINGS):
+        warnings.warn(
+            "the checkpoint's data position was taken with another seed, batch size, dataset "
+            "size or number of processes; the resumed run starts its epoch from the first batch",
+            stacklevel=2,
+        )
+        sampler.set_epoch(state.get("epoch", 0))
+        return
+    if state["epoch_done"]:
+        sampler.set_epoch(state["epoch"] + 1)
+    else:
+        sampler.set_epoch(state["epoch"])
+        sampler.resume_at(state["epoch"], state["batches_done"])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over an :class:`EpochSampler` whose position goes into checkpoints.
+
+    ``position`` returns the position to save: the sampler's settings, its ``epoch``, the
+    ``batches_done`` in it and whether the epoch is done (the loader cannot count batches
+    itself: they are fetched ahead). ``len()`` stays the full epoch; after a mid-epoch restore
+    the first pass yields only the remaining batches, as Lightning expects of a stateful loader.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        sampler: EpochSampler,
+        position: Callable[[], dict[str, Any]],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self.position = position
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position (Lightning stores it with the fit loop)."""
+        return self.position()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after a saved position."""
+        restore_position(self.sampler, state)  # type: ignore[arg-type]
