@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,54 @@ def new_run_dir(cfg: DictConfig) -> Path:
     return path
 
 
+RUN_DIR_ENV = "SSL_LIB_RUN_DIR"
+LAUNCH_WAIT_S = 600.0
+
+
+def _launcher_rank() -> int:
+    """This process's rank as set by a launcher (Lightning's DDP, torchrun, SLURM); 0 alone."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def _launch_id() -> str | None:
+    """An id shared by the processes of one external launch (torchrun or SLURM), if any."""
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        return "torchrun-" + os.environ["TORCHELASTIC_RUN_ID"]
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_STEP_ID', '0')}"
+    return None
+
+
+def run_dir_for_process(cfg: DictConfig) -> Path:
+    """The run folder, the same for every process of one run.
+
+    Rank 0 picks a new folder (:func:`new_run_dir`). Processes that Lightning's DDP launcher
+    starts inherit it through the environment; processes started by torchrun or SLURM read it
+    from a marker file that rank 0 leaves in ``run.output_dir`` for their launch.
+    """
+    rank = _launcher_rank()
+    if rank > 0 and os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    launch = _launch_id()
+    marker = Path(cfg.run.output_dir) / f".{cfg.run.name}.{launch}.run_dir"
+    if rank > 0 and launch is not None:
+        deadline = time.monotonic() + LAUNCH_WAIT_S
+        while not marker.is_file():
+            if time.monotonic() > deadline:
+                raise ConfigError(f"rank {rank}: rank 0 did not create the run folder ({marker})")
+            time.sleep(0.5)
+        return Path(marker.read_text().strip())
+    run_dir = new_run_dir(cfg)
+    run_dir.mkdir(parents=True)
+    if launch is not None:
+        atomic_write_text(marker, str(run_dir))
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # for the processes Lightning starts from this one
+    return run_dir
+
+
 def find_resume(target: str) -> tuple[Path, Path]:
     """(run folder, checkpoint) for ``--resume RUN_DIR`` or ``--resume path/to.ckpt``."""
     path = Path(target)
@@ -195,7 +244,7 @@ def train(
     prepare_config(cfg, datamodule)  # data-dependent values (e.g. CMSF's dataset size)
     method = build_method(cfg)
 
-    run_dir = run_dir if run_dir is not None else new_run_dir(cfg)
+    run_dir = run_dir if run_dir is not None else run_dir_for_process(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume_from is None:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))

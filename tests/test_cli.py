@@ -93,3 +93,32 @@ def test_bad_input_gives_one_line_error(tmp_path, args, expected):
     assert len(lines) == 1 and lines[0].startswith("ssl-lib: error:"), out.stderr[-2000:]
     assert expected in lines[0]
     assert not any(tmp_path.iterdir())  # nothing written for a run that could not start
+
+
+def test_every_process_of_a_run_uses_rank_0s_folder(tmp_path, monkeypatch):
+    """Lightning's DDP children inherit the folder; torchrun / SLURM ranks read rank 0's marker."""
+    from ssl_lib.config import config_from_dict
+    from ssl_lib.train import RUN_DIR_ENV, run_dir_for_process
+
+    cfg = config_from_dict({"method": {"name": "byol"}, "run": {"output_dir": str(tmp_path)}})
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    first = run_dir_for_process(cfg)  # one process: a new folder each time
+    assert first == tmp_path / "run" and run_dir_for_process(cfg) == tmp_path / "run_1"
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a process Lightning started from the last one
+    assert run_dir_for_process(cfg) == tmp_path / "run_1"
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.delenv(RUN_DIR_ENV)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    rank0 = run_dir_for_process(cfg)
+    assert rank0 == tmp_path / "run_2" and rank0.is_dir()
+    monkeypatch.delenv(RUN_DIR_ENV)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    assert run_dir_for_process(cfg) == rank0
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "run",
+        "run_1",
+        "run_2",
+    ]
