@@ -48,6 +48,17 @@ EXTRA = {
         "method.schedule=sequential",
         "method.epochs_per_block=1",
     ],
+    # per-image caches, k-means after each epoch, pseudo-labeller rounds at batch 1 and epoch end
+    "cmsf_2q": ["method.bank_size=48", "method.k=3", "method.k_prime=4"],
+    "cmsf_km": ["method.bank_size=48", "method.k=3", "method.num_clusters=4"],
+    "cmsf_semi": [
+        "method.bank_size=48",
+        "method.k=3",
+        "method.sup_cache_size=24",
+        "method.pseudo_epochs=2",
+        "method.pseudo_batch_size=8",
+        "data.labelled_fraction=0.25",
+    ],
 }
 COMPARED = ("state_dict", "optimizer_states", "lr_schedulers", "global_step", "epoch", "ssl_lib")
 
@@ -159,6 +170,9 @@ def resume_and_compare(ref: dict, run_dir: Path, ckpt: Path, workers: int = 0) -
         ("msf", 3),
         ("barlow_twins", 3),
         ("blockwise_barlow_twins", 6),
+        ("cmsf_2q", 6),
+        ("cmsf_km", 6),
+        ("cmsf_semi", 6),
     ],
 )
 def test_resume_mid_epoch_is_exact(method, step, reference, tmp_path):

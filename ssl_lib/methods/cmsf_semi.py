@@ -220,8 +220,13 @@ class CMSFSemiSupervised(CMSFBase):
                 torch.distributed.broadcast(t, src=0)
         self.pseudo_rounds += 1
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        super().on_train_batch_end(outputs, batch, batch_idx)
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None):
+        """The step, then the mid-epoch pseudo-labeller round (global batch below 1024).
+
+        The round runs here, not at the end of the batch, so that a checkpoint written at the
+        end of that batch already includes it and resuming from it is exact.
+        """
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         n = self._trainer.num_training_batches if self._trainer is not None else None
         mid_epoch = self.cfg.data.batch_size < 1024 and isinstance(n, int) and n >= 2
         if mid_epoch and batch_idx == n // 2 - 1:
