@@ -422,3 +422,21 @@ def test_ddp_ranks_hold_identical_cmsf_state(tmp_path: Path):
         loaded.eval()
         feats = loaded(torch.randn(4, 3, 32, 32))
         assert feats.shape == (4, loaded.backbone.feat_dim) and bool(torch.isfinite(feats).all())
+
+
+@pytest.mark.parametrize("policy", ["fill", "valid_only"])
+def test_short_neighbours_policy_and_count(make_config, policy):
+    gen = torch.Generator().manual_seed(6)
+    model = build_method(cmsf_config(make_config, "cmsf_sup", k=3, short_neighbours=policy))
+    fill(model, 2, gen, labels_from=3)
+    u = F.normalize(torch.randn(B, D, generator=gen), dim=1)
+    q = torch.randn(B, D, generator=gen)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])  # 3 and 4: no row in the bank
+    result = model.constrained(u, labels, torch.arange(B))
+    loss, extra = model.finish(q, u, labels, result)
+    neighbours = model.bank.gather(result.indices)
+    valid = result.valid if policy == "valid_only" else None
+    assert loss.item() == pytest.approx(masked_msf_loss(q, neighbours, valid).item(), rel=1e-6)
+    other = masked_msf_loss(q, neighbours, None if valid is not None else result.valid)
+    assert loss.item() != pytest.approx(other.item(), rel=1e-6)  # the policies differ here
+    assert extra["short_queries"].item() == result.num_short >= 2
