@@ -44,14 +44,15 @@ def knn_accuracy(model, cfg, k: int = 20) -> float:
 
 
 # Settings found to learn quickly on the synthetic textures: tiny CNN and heads, 32 px, batch 64,
-# SGD at a constant rate, m = 0.99 and a bank of 16 batches. Contrastive MoCo uses strong /
-# strong views at lr 0.03; ISD (ISD-plus temperatures) and MSF, which have no negatives and
-# start slowly like BYOL, use their weak / strong views at 0.1. Measured 20-NN (random init ->
-# trained): MoCo 200 steps clearly up; ISD 400 steps 0.570 -> 0.604; MSF 600 steps 0.570 -> 0.670.
-# CMSF variants, MSF's settings, 600 steps (about 19 epochs, so the 2Q cache, the per-epoch
-# k-means and the pseudo-labeller all take effect), one intra-op thread (these runs differ by a
-# few points with the thread count): 2Q 0.570 -> 0.662, KM (20 clusters) 0.749, supervised
-# 0.627, semi-supervised (10 % labels, confidence 0.5) 0.650.
+# SGD at a constant rate, m = 0.99 and a bank of 16 batches. MoCo and ISD (ISD-plus
+# temperatures) use strong / strong views at lr 0.03; MSF and CMSF, which start slowly like
+# BYOL, use weak / strong views at 0.1. (ISD with weak / strong views at 0.05 - 0.1 first drops
+# to ~0.35 and only recovers after ~600 steps.) Measured 20-NN, random init 0.570 -> trained:
+# MoCo 200 steps 0.681; ISD 100 / 200 / 400 / 600 steps 0.551 / 0.606 / 0.672 / 0.716 (one
+# thread); MSF 600 steps 0.670. CMSF variants, 600 steps (about 19 epochs, so the 2Q cache, the
+# per-epoch k-means and the pseudo-labeller all take effect), one intra-op thread (these runs
+# move by a few points with the thread count): 2Q 0.719, KM (20 clusters) 0.670, supervised
+# 0.675, semi-supervised (10 % labels, confidence 0.5) 0.668.
 SHORT_RUN = {
     "data": {"batch_size": 64, "views": ["strong", "strong"], "synthetic": {"num_samples": 2000}},
     "optim": {"lr": 0.03, "schedule": "constant"},
@@ -66,11 +67,10 @@ RUNS = {
                 "ema_momentum": 0.99,
                 "teacher_temperature": 0.01,
                 "student_temperature": 0.1,
-            },
-            **WEAK_STRONG,
+            }
         },
         400,
-        0.02,
+        0.05,
     ),
     "msf": (
         {"method": {"bank_size": 1024, "ema_momentum": 0.99, "k": 5}, **WEAK_STRONG},
@@ -101,7 +101,7 @@ RUNS.update(
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_short_run_beats_random_init(name: str, request):
     overrides, steps, margin = RUNS[name]
-    if name.startswith("cmsf"):
+    if name == "isd" or name.startswith("cmsf"):  # measured with one thread
         request.getfixturevalue("single_thread")
     sections = {
         key: {**SHORT_RUN.get(key, {}), **overrides.get(key, {})}
