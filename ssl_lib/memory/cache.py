@@ -110,7 +110,9 @@ class SampleCache(nn.Module):
                 f"cache write expects ({index.shape[0]}, {self.dim}) rows, got {tuple(x.shape)}"
             )
         idx = self._index(index)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_samples):
+        # Checked where it costs no device sync (a CPU cache); the dataset size was checked
+        # against method.num_samples when the run started.
+        if idx.device.type == "cpu" and bool(((idx < 0) | (idx >= self.num_samples)).any()):
             raise ValueError(
                 f"cache index out of range 0..{self.num_samples - 1}: the dataset is larger "
                 "than the cache (method.num_samples)"

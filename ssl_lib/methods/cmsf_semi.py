@@ -162,8 +162,9 @@ class CMSFSemiSupervised(CMSFBase):
         labelled = self.is_labelled[index.to(self.is_labelled.device)].to(u.device)
         unknown = torch.full_like(labels, -1)
         # The original labels with the head from the first step on (untrained at first).
-        trained = self.constraint_active() and int(self.pseudo_rounds) > 0
-        if self.original_early_training or trained:
+        if self.original_early_training or (
+            self.constraint_active() and int(self.pseudo_rounds) > 0
+        ):
             self.pseudo_head.eval()
             conf, pred = F.softmax(self.pseudo_head(u), dim=1).max(dim=1)
             unknown = torch.where(conf >= self.cfg.method.confidence, pred, unknown)
@@ -178,13 +179,12 @@ class CMSFSemiSupervised(CMSFBase):
         self.bank.enqueue(
             g["u"], gathered=True, labels=g["labels"], index=g["index"], pseudo=g["pseudo"]
         )
-        if bool(g["sup"].any()):
-            self.sup_cache.enqueue(g["u"][g["sup"]], gathered=True, labels=g["labels"][g["sup"]])
+        self.sup_cache.enqueue(g["u"][g["sup"]], gathered=True, labels=g["labels"][g["sup"]])
         constrained = self.bank.search(u, self.cfg.method.k, SameLabel(pseudo, payload="pseudo"))
         loss, extra = self.finish(q, u, labels, constrained)
         unlabelled = ~labelled
-        if bool(unlabelled.any()):
-            extra["confident_unlabelled"] = (pseudo[unlabelled] >= 0).float().mean()
+        confident = ((pseudo >= 0) & unlabelled).sum() / unlabelled.sum().clamp(min=1)
+        extra["confident_unlabelled"] = confident.float()  # share of unlabelled queries
         return loss, extra
 
     # ----------------------------------------------------------------- pseudo-labeller
