@@ -59,7 +59,7 @@ def run(argv: Sequence[str]) -> int:
         print("\n".join(VIEWS.names()))
     elif args.command == "train":
         from ssl_lib.methods.base import NonFiniteLossError
-        from ssl_lib.train import resume, train
+        from ssl_lib.train import CollectiveTimeoutError, resume, train
 
         try:
             if args.resume:
@@ -69,7 +69,7 @@ def run(argv: Sequence[str]) -> int:
                 raise ConfigError("ssl-lib train needs a RECIPE (or --resume RUN_DIR)")
             else:
                 train(load_config(args.recipe, args.overrides))
-        except NonFiniteLossError as err:  # a failed run rather than bad input: status 1
+        except (NonFiniteLossError, CollectiveTimeoutError) as err:  # a failed run: status 1
             print(f"ssl-lib: error: {err}", file=sys.stderr)
             return 1
     elif args.command == "eval":
@@ -97,8 +97,9 @@ def evaluate(protocol: str, checkpoint: str, args: list[str]) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: user errors print one line and exit with status 2.
 
-    A NaN / Inf training loss prints one line and exits with status 1; SIGTERM during training
-    writes a checkpoint and exits with status 143.
+    A NaN / Inf training loss or a collective across processes that timed out prints one line
+    and exits with status 1; SIGTERM during training writes a checkpoint and exits with status
+    143.
     """
     try:
         code = run(sys.argv[1:] if argv is None else argv)

@@ -170,6 +170,8 @@ class TrainerConfig:
     nonfinite: str = "stop"
     limit_train_batches: Any = None
     progress_bar: bool = True
+    collective_timeout_s: float = 1800.0
+    sigterm_grace_s: float = 60.0
 
 
 @dataclass

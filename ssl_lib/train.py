@@ -16,12 +16,15 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch.distributed as dist
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -37,6 +40,7 @@ from ssl_lib.checkpoints import (
 )
 from ssl_lib.config import ConfigError, build_config
 from ssl_lib.data import SSLDataModule
+from ssl_lib.distributed import is_dist
 from ssl_lib.eval.monitors import build_monitors
 from ssl_lib.methods import build_method, prepare_config
 from ssl_lib.methods.base import NonFiniteLossError
@@ -52,7 +56,12 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 class MetricsJSON(pl.Callback):
-    """Writes ``metrics.json``: one record per epoch plus the latest values."""
+    """Writes ``metrics.json``: one record per epoch plus the latest values.
+
+    Every process reads ``trainer.callback_metrics``: reading it reduces the metrics logged
+    with ``sync_dist`` across processes, a collective that each process must join. Only the
+    first process writes the file.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -61,16 +70,15 @@ class MetricsJSON(pl.Callback):
             self.history = json.loads(path.read_text()).get("history", [])
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        record = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        record: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         for key, value in trainer.callback_metrics.items():
             value = float(value)
             record[key] = value if math.isfinite(value) else str(value)
         self.history = [r for r in self.history if r["epoch"] < trainer.current_epoch] + [record]
-        atomic_write_text(
-            self.path, json.dumps({"history": self.history, "final": record}, indent=2)
-        )
+        if trainer.is_global_zero:
+            atomic_write_text(
+                self.path, json.dumps({"history": self.history, "final": record}, indent=2)
+            )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -120,6 +128,112 @@ class LastCheckpoint(pl.Callback):
     ) -> None:
         if isinstance(exception, SIGTERMException):
             self._save(trainer)
+
+
+class StepLimit(pl.Callback):
+    """``trainer.max_steps``: stop after that many optimiser steps, as a pause, not an end.
+
+    Lightning's own ``max_steps`` ends the epoch in progress: its epoch-end hooks run (k-means,
+    monitors, epoch checkpoints) and the epoch counts as done, so a run resumed from there
+    skips the rest of that epoch. Here a limit reached within an epoch stops the run the way
+    SIGTERM does, after the batch in progress and before any epoch-end work; the
+    ``last.ckpt`` written then resumes at the next batch. A limit reached at the last batch of
+    an epoch lets that epoch end normally.
+    """
+
+    def __init__(self, max_steps: int) -> None:
+        self.max_steps = max_steps
+        self.reached = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.max_steps < 0 or trainer.global_step < self.max_steps:
+            return
+        self.reached = True
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            trainer.should_stop = True
+        else:
+            # Lightning's only way out of an epoch that skips its epoch-end hooks is the
+            # SIGTERM path, checked right after this batch's bookkeeping on every process.
+            trainer._signal_connector.received_sigterm = True
+
+
+class SigtermWatchdog:
+    """Ends the process when a SIGTERM is not answered within ``grace_s`` seconds.
+
+    Lightning answers SIGTERM between two batches. A process blocked in a collective that
+    another process never joins never gets there: Python runs signal handlers only in the main
+    thread, between bytecodes. The C-level handler still writes the signal number to the wakeup
+    file descriptor, which a daemon thread reads here; if the run has not stopped
+    ``grace_s`` seconds later, the thread prints one line, calls ``on_expire`` (which ends the
+    processes this one launched) and exits with status 143.
+    """
+
+    def __init__(
+        self, grace_s: float, last_checkpoint: Path, on_expire: Callable[[], None] = lambda: None
+    ) -> None:
+        self.grace_s = grace_s
+        self.last_checkpoint = last_checkpoint
+        self.on_expire = on_expire
+        self.received = False
+        self._read_fd = self._write_fd = -1
+        self._previous_fd: int | None = None
+        self._done = threading.Event()
+
+    def __enter__(self) -> SigtermWatchdog:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # wakeup descriptors belong to the main thread; no watchdog then
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._write_fd, False)
+        self._previous_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, name="ssl-lib-sigterm", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous_fd is None:
+            return
+        signal.set_wakeup_fd(self._previous_fd)
+        self._done.set()
+        os.write(self._write_fd, b"\0")  # wakes the thread, which then closes the pipe
+        os.close(self._write_fd)
+
+    def _watch(self) -> None:
+        while not self._done.is_set():
+            data = os.read(self._read_fd, 64)
+            if signal.SIGTERM in data and not self._done.is_set():
+                self.received = True
+                if not self._done.wait(self.grace_s):
+                    print(
+                        f"ssl-lib: error: SIGTERM not answered within trainer.sigterm_grace_s="
+                        f"{self.grace_s:g} s (a process is blocked, e.g. waiting for another "
+                        f"process); exiting without a new checkpoint. Last checkpoint: "
+                        f"{_describe_checkpoint(self.last_checkpoint)}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    self.on_expire()
+                    os._exit(SIGTERM_EXIT_CODE)
+        os.close(self._read_fd)
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A collective across processes did not complete in ``trainer.collective_timeout_s``."""
+
+
+def _kill_launched_processes(trainer: pl.Trainer) -> None:
+    """SIGKILL the ranks this process started (Lightning's ``ddp`` launcher), if any: they
+    cannot finish a run their peer has left."""
+    launcher = trainer.strategy.launcher
+    if launcher is not None and hasattr(launcher, "kill"):
+        launcher.kill(signal.SIGKILL)
+
+
+def _is_collective_timeout(err: BaseException) -> bool:
+    """Whether ``err`` is a process group's timeout (gloo and NCCL word it differently)."""
+    text = str(err).lower()
+    is_backend_error = isinstance(err, getattr(dist, "DistBackendError", ())) or isinstance(
+        err, RuntimeError
+    )
+    return is_dist() and is_backend_error and ("timed out" in text or "timeout" in text)
 
 
 def new_run_dir(cfg: DictConfig) -> Path:
@@ -196,15 +310,21 @@ def find_resume(target: str) -> tuple[Path, Path]:
     raise ConfigError(f"--resume '{target}': no such run folder or checkpoint")
 
 
-def build_strategy(name: str) -> str | Strategy:
+def build_strategy(name: str, collective_timeout_s: float = 1800.0) -> str | Strategy:
     """``trainer.strategy``; ``ddp`` / ``ddp_spawn`` without DDP's per-step buffer broadcast.
 
     Memory banks are kept identical on every rank by all-gathered writes, so broadcasting them
     from rank 0 before every forward pass would only copy K x D floats per step for nothing.
+    Collectives that do not complete within ``collective_timeout_s`` seconds raise instead of
+    waiting forever (the process group's timeout).
     """
     if name in ("ddp", "ddp_spawn"):
         start = "spawn" if name == "ddp_spawn" else "popen"
-        return DDPStrategy(start_method=start, broadcast_buffers=False)
+        return DDPStrategy(
+            start_method=start,
+            broadcast_buffers=False,
+            timeout=timedelta(seconds=collective_timeout_s),
+        )
     return name
 
 
@@ -219,6 +339,25 @@ def _describe_checkpoint(path: Path) -> str:
     return f"'{path}' (global step {step})"
 
 
+def check_trainer_limits(t: DictConfig) -> None:
+    """One-line errors for ``trainer`` values no run can use (before any folder exists)."""
+    if t.max_epochs < 1:
+        raise ConfigError(
+            f"trainer.max_epochs must be >= 1 (it sets the length of the LR and EMA schedules), "
+            f"got {t.max_epochs}; use trainer.max_steps to stop earlier"
+        )
+    if t.max_steps < -1 or t.max_steps == 0:
+        raise ConfigError(f"trainer.max_steps must be -1 (no limit) or >= 1, got {t.max_steps}")
+    if t.checkpoint_every_n_steps < 0:
+        raise ConfigError(
+            f"trainer.checkpoint_every_n_steps must be >= 0 (0 = off), got "
+            f"{t.checkpoint_every_n_steps}"
+        )
+    for key in ("collective_timeout_s", "sigterm_grace_s"):
+        if not t[key] > 0:
+            raise ConfigError(f"trainer.{key} must be > 0 seconds, got {t[key]}")
+
+
 def train(
     cfg: DictConfig,
     run_dir: Path | None = None,
@@ -229,13 +368,12 @@ def train(
 
     ``callbacks`` are added after the built-in ones. A NaN / Inf loss raises
     :class:`NonFiniteLossError` (``trainer.nonfinite: stop``); SIGTERM writes ``last.ckpt`` and
-    exits with status 143.
+    exits with status 143; a collective across processes that times out raises
+    :class:`CollectiveTimeoutError`. ``trainer.max_steps`` stops the run after that step with
+    a ``last.ckpt`` that resumes exactly (see :class:`StepLimit`).
     """
-    if cfg.trainer.checkpoint_every_n_steps < 0:
-        raise ConfigError(
-            f"trainer.checkpoint_every_n_steps must be >= 0 (0 = off), got "
-            f"{cfg.trainer.checkpoint_every_n_steps}"
-        )
+    t = cfg.trainer
+    check_trainer_limits(t)
     if resume_from is not None:
         check_resumable(resume_from, cfg.method.name)
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
@@ -249,8 +387,9 @@ def train(
     if resume_from is None:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     ckpt_dir = run_dir / "checkpoints"
-    t = cfg.trainer
+    step_limit = StepLimit(t.max_steps)
     callbacks = [
+        step_limit,  # first: it decides before the other callbacks see the batch's end
         ModelCheckpoint(
             dirpath=ckpt_dir,
             filename="epoch{epoch:04d}",
@@ -269,11 +408,11 @@ def train(
         logger=TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard"),
         callbacks=callbacks,
         max_epochs=t.max_epochs,
-        max_steps=t.max_steps,
+        max_steps=-1,  # StepLimit stops the run; the schedules span max_epochs
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=build_strategy(t.strategy),
+        strategy=build_strategy(t.strategy, t.collective_timeout_s),
         precision=t.precision,
         log_every_n_steps=t.log_every_n_steps,
         limit_train_batches=t.limit_train_batches,
@@ -282,36 +421,140 @@ def train(
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # the data module's EpochSampler splits the data
     )
+    last = ckpt_dir / "last.ckpt"
+    watchdog = SigtermWatchdog(t.sigterm_grace_s, last, lambda: _kill_launched_processes(trainer))
     try:
-        trainer.fit(
-            method, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None
-        )
+        with watchdog:
+            trainer.fit(
+                method, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None
+            )
     except NonFiniteLossError as err:
-        last = _describe_checkpoint(ckpt_dir / "last.ckpt")
-        raise NonFiniteLossError(f"{err}. Last good checkpoint: {last}") from None
+        last_good = _describe_checkpoint(last)
+        raise NonFiniteLossError(f"{err}. Last good checkpoint: {last_good}") from None
     except SIGTERMException:
+        if step_limit.reached and not watchdog.received:
+            _print_stop(trainer, f"stopped at trainer.max_steps={t.max_steps}", run_dir, last)
+            return run_dir
         if trainer.is_global_zero:
             print(
                 f"ssl-lib: stopped by SIGTERM at global step {trainer.global_step}; checkpoint "
-                f"{ckpt_dir / 'last.ckpt'} written; continue with: ssl-lib train --resume "
-                f"{run_dir}",
+                f"{last} written; continue with: ssl-lib train --resume {run_dir}",
                 file=sys.stderr,
             )
         raise SystemExit(SIGTERM_EXIT_CODE) from None
-    if trainer.is_global_zero:
-        print(f"run folder:   {run_dir}")
-        print(f"config:       {run_dir / 'config.yaml'}")
-        print(f"checkpoint:   {ckpt_dir / 'last.ckpt'}")
-        print(f"metrics:      {run_dir / 'metrics.json'}")
-        print(f"tensorboard:  tensorboard --logdir {run_dir / 'tensorboard'}")
+    except Exception as err:
+        if not _is_collective_timeout(err):
+            raise
+        _kill_launched_processes(trainer)
+        raise CollectiveTimeoutError(
+            f"a collective across processes did not complete within "
+            f"trainer.collective_timeout_s={t.collective_timeout_s:g} s (another process stopped "
+            f"or took another code path). Last checkpoint: {_describe_checkpoint(last)}"
+        ) from None
+    _print_stop(trainer, None, run_dir, last)
     return run_dir
 
 
+def _print_stop(trainer: pl.Trainer, reason: str | None, run_dir: Path, last: Path) -> None:
+    """The end-of-run lines (first process only)."""
+    if not trainer.is_global_zero:
+        return
+    if reason is not None:
+        print(
+            f"{reason} (global step {trainer.global_step}, epoch {trainer.current_epoch}); "
+            f"continue with: ssl-lib train --resume {run_dir} trainer.max_steps=-1"
+        )
+    print(f"run folder:   {run_dir}")
+    print(f"config:       {run_dir / 'config.yaml'}")
+    print(f"checkpoint:   {last}")
+    print(f"metrics:      {run_dir / 'metrics.json'}")
+    print(f"tensorboard:  tensorboard --logdir {run_dir / 'tensorboard'}")
+
+
+# Overrides that leave a resumed run identical to one that never stopped.
+EXACT_RESUME_KEYS = (
+    "trainer.max_steps",
+    "trainer.progress_bar",
+    "trainer.log_every_n_steps",
+    "trainer.checkpoint_every_n_steps",
+    "trainer.checkpoint_every_n_epochs",
+    "trainer.collective_timeout_s",
+    "trainer.sigterm_grace_s",
+    "data.num_workers",
+    "run.output_dir",
+)
+# Settings the saved data position depends on (see ssl_lib.data.sampling.restore_position).
+DATA_POSITION_KEYS = (
+    "run.seed",
+    "data.batch_size",
+    "data.max_samples",
+    "trainer.devices",
+    "trainer.num_nodes",
+)
+
+
+def _flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(cfg, dict):
+        out: dict[str, Any] = {}
+        for key, value in cfg.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: cfg}
+
+
+def check_resume(ckpt: Path, saved: dict, cfg: DictConfig) -> str | None:
+    """Why resuming ``ckpt`` with ``cfg`` cannot train, as a :class:`ConfigError`; else a one-line
+    note when the continued run will differ from one that never stopped (``None`` if exact).
+
+    ``saved`` is the checkpoint's config (the run as it was when the checkpoint was written).
+    """
+    state = read_checkpoint(ckpt, mmap=True)
+    step, position = state["global_step"], state.get("SSLDataModule", {})
+    t = cfg.trainer
+    if t.max_steps != -1 and step >= t.max_steps:
+        raise ConfigError(
+            f"checkpoint '{ckpt}' is at global step {step}, which trainer.max_steps="
+            f"{t.max_steps} already reaches; continue with trainer.max_steps=-1 or a larger value"
+        )
+    epochs_done = position.get("epoch", state.get("epoch", 0)) + bool(position.get("epoch_done"))
+    if epochs_done >= t.max_epochs:
+        raise ConfigError(
+            f"checkpoint '{ckpt}' has completed {epochs_done} epochs, which trainer.max_epochs="
+            f"{t.max_epochs} already reaches; raise trainer.max_epochs to train longer"
+        )
+    before, after = _flat(saved), _flat(OmegaConf.to_container(cfg, resolve=True))
+    changed = sorted(
+        key
+        for key in before.keys() | after.keys()
+        if before.get(key) != after.get(key) and key not in EXACT_RESUME_KEYS
+    )
+    if not changed:
+        return None
+    what = "the run continues from the saved state with the new values"
+    if "trainer.max_epochs" in changed:
+        what += "; the LR and EMA schedules now span the new trainer.max_epochs from this step"
+    if any(key in changed for key in DATA_POSITION_KEYS):
+        what += f"; the data order restarts at the first batch of epoch {position.get('epoch', 0)}"
+    return (
+        f"resume: {', '.join(f'{k}={after.get(k)!r} (was {before.get(k)!r})' for k in changed)} "
+        f"differ from the checkpoint's run, so the result will not be identical to a run that "
+        f"never stopped: {what}"
+    )
+
+
 def resume(target: str, overrides: list[str] = ()) -> Path:
-    """Continue a run from its folder's last checkpoint (or a given checkpoint)."""
+    """Continue a run from its folder's last checkpoint (or a given checkpoint).
+
+    Overrides that make an exact continuation impossible are named in one line on stderr,
+    with what happens instead; a limit the checkpoint already reaches is a :class:`ConfigError`.
+    """
     run_dir, ckpt = find_resume(target)
     source = str(run_dir / "config.yaml")
     cfg = build_config([(source, OmegaConf.load(source))], overrides)
+    saved = read_checkpoint(ckpt, mmap=True)["hyper_parameters"]["config"]
+    note = check_resume(ckpt, saved, cfg)
+    if note is not None and _launcher_rank() == 0:
+        print(f"ssl-lib: {note}", file=sys.stderr)
     if overrides:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     return train(cfg, run_dir=run_dir, resume_from=ckpt)
