@@ -1,0 +1,181 @@
+"""The real ``ssl-lib train`` command on 2 CPU processes (``trainer.strategy=ddp``).
+
+Every process runs under ``ddp_cli_worker.py``, which records each torch.distributed collective
+it calls: a collective that only some processes call is what hangs a run, so the traces of the
+two processes must be identical, call for call. A process that stops answering must end the run
+with one line, by the process group's timeout or by SIGTERM, and leave no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+WORKER = Path(__file__).resolve().parent / "ddp_cli_worker.py"
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = {
+    "run": {"name": "ddp", "seed": 0},
+    "method": {"name": "msf", "k": 3, "bank_size": 64},
+    "model": {
+        "backbone": "tiny_cnn",
+        "projector": {"hidden_dim": 32, "out_dim": 16},
+        "predictor": {"hidden_dim": 32, "out_dim": 16},
+    },
+    "data": {
+        "dataset": "synthetic",
+        "image_size": 32,
+        "batch_size": 16,
+        "num_workers": 0,
+        "synthetic": {"num_samples": 96},  # 6 steps per epoch
+    },
+    "optim": {"lr": 0.05},
+    "trainer": {
+        "max_epochs": 2,
+        "accelerator": "cpu",
+        "devices": 2,
+        "strategy": "ddp",
+        "progress_bar": False,
+        "checkpoint_every_n_epochs": 1,
+        "log_every_n_steps": 1,
+    },
+    "monitor": {
+        "knn_every_n_epochs": 1,
+        "knn_train_samples": 64,
+        "knn_val_samples": 32,
+        "online_linear": True,
+    },
+}
+
+
+def command(trace: Path, *args: str, env: dict | None = None, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(trace), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,  # the test can end the whole group if something is left
+        **popen,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"still running after {timeout} s (a hang): {err[-3000:]}")
+    return proc.returncode, out, err
+
+
+def assert_same_collectives(trace: Path) -> None:
+    ranks = [(trace / f"rank{r}.txt").read_text().splitlines() for r in (0, 1)]
+    assert len(ranks[0]) > 50, "the trace recorded too few collectives"
+    for i, (a, b) in enumerate(zip(*ranks, strict=False)):
+        assert a == b, f"collective {i}: rank 0 called {a!r}, rank 1 {b!r}"
+    assert len(ranks[0]) == len(ranks[1])
+
+
+def assert_no_process_left(trace: Path) -> None:
+    deadline = time.monotonic() + 10
+    for pid_file in trace.glob("pid*"):
+        pid = int(pid_file.read_text())
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"process {pid} ({pid_file.name}) is still running")
+
+
+@pytest.fixture
+def recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        yaml.safe_dump({**RECIPE, "run": {**RECIPE["run"], "output_dir": str(tmp_path / "runs")}})
+    )
+    return path
+
+
+def test_two_processes_finish_resume_exactly_and_call_the_same_collectives(tmp_path, recipe):
+    """The whole run, and a run stopped by max_steps within an epoch then resumed, end equal."""
+    code, out, err = finish(command(tmp_path / "full", "train", str(recipe), "run.name=full"))
+    assert code == 0, err[-3000:]
+    full = tmp_path / "runs" / "full"
+    assert sorted(p.name for p in (full / "checkpoints").iterdir()) == [
+        "epoch0000.ckpt",
+        "epoch0001.ckpt",
+        "last.ckpt",
+    ]
+    history = json.loads((full / "metrics.json").read_text())["history"]
+    assert [r["epoch"] for r in history] == [0, 1]
+    assert all("monitor/knn_top1" in r and "monitor/online_linear_acc" in r for r in history)
+    assert not list((tmp_path / "runs").glob("full_*"))  # one folder for both processes
+    assert_same_collectives(tmp_path / "full")
+
+    args = ["train", str(recipe), "run.name=part", "trainer.max_steps=4"]
+    code, out, err = finish(command(tmp_path / "part", *args))
+    assert code == 0, err[-3000:]
+    part = tmp_path / "runs" / "part"
+    assert "stopped at trainer.max_steps=4 (global step 4, epoch 0)" in out
+    assert [p.name for p in (part / "checkpoints").iterdir()] == ["last.ckpt"]
+    assert_same_collectives(tmp_path / "part")
+    resume = ["train", "--resume", str(part), "trainer.max_steps=-1"]
+    code, out, err = finish(command(tmp_path / "resumed", *resume))
+    assert code == 0, err[-3000:]
+    assert_same_collectives(tmp_path / "resumed")
+    a, b = (torch.load(r / "checkpoints" / "last.ckpt", weights_only=False) for r in (full, part))
+    assert a["global_step"] == b["global_step"] == 12
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+
+
+@pytest.mark.parametrize("how", ["timeout", "sigterm"])
+def test_a_stalled_process_ends_the_run_with_one_line(tmp_path, recipe, how):
+    """Process 1 stops answering at its first epoch end; the run must not wait forever."""
+    trace = tmp_path / "trace"
+    limits = (
+        ["trainer.collective_timeout_s=5"]
+        if how == "timeout"
+        else ["trainer.collective_timeout_s=600", "trainer.sigterm_grace_s=2"]
+    )
+    env = {"SSL_LIB_TEST_STALL_RANK": "1"}
+    proc = command(trace, "train", str(recipe), "run.name=stall", *limits, env=env)
+    if how == "sigterm":
+        while not (trace / "stalled").exists():
+            if proc.poll() is not None:
+                pytest.fail(f"exited early: {proc.stderr.read()[-3000:]}")
+            time.sleep(0.1)
+        time.sleep(2)  # process 0 is now waiting in a collective
+        os.kill(int((trace / "pid0").read_text()), signal.SIGTERM)
+    start = time.monotonic()
+    code, out, err = finish(proc, timeout=120)
+    last_line = err.strip().splitlines()[-1]
+    if how == "timeout":
+        assert code == 1, err[-3000:]
+        assert last_line.startswith(
+            "ssl-lib: error: a collective across processes did not complete within "
+            "trainer.collective_timeout_s=5 s"
+        ), last_line
+    else:
+        assert code == 143, err[-3000:]
+        assert time.monotonic() - start < 30
+        assert last_line.startswith(
+            "ssl-lib: error: SIGTERM not answered within trainer.sigterm_grace_s=2 s"
+        ), last_line
+    assert "global step 6" in last_line  # the epoch-end checkpoint written before the stall
+    assert "Traceback" not in err
+    assert_no_process_left(trace)
