@@ -49,7 +49,11 @@ def monitor_subsets(data_cfg: DictConfig, train_samples: int, val_samples: int, 
 
 
 class KNNMonitor(pl.Callback):
-    """kNN accuracy of the online backbone on a bounded labelled subset every N epochs."""
+    """kNN accuracy of the online backbone on a bounded labelled subset every N epochs.
+
+    Logs ``monitor/knn_top1`` and, with more than 5 classes, ``monitor/knn_top5`` (percent),
+    as :func:`~ssl_lib.eval.knn.knn_evaluate` computes them for the majority vote.
+    """
 
     def __init__(self, bank: Dataset, queries: Dataset, num_classes: int, cfg, image_size: int):
         self.sets = {"bank": bank, "queries": queries}
@@ -92,7 +96,9 @@ class KNNMonitor(pl.Callback):
         )
         k = results["ks"][0]
         for n in ("top1", "top5"):
-            pl_module.log(f"monitor/knn_{n}", results[f"majority/k={k}/{n}"])
+            value = results[f"majority/k={k}/{n}"]
+            if value is not None:  # top-5 is undefined with 5 or fewer classes
+                pl_module.log(f"monitor/knn_{n}", value)
 
 
 class OnlineLinearMonitor(pl.Callback):
