@@ -176,6 +176,8 @@ def test_small_folder_evaluation_and_block_source(small_data, capsys):
     assert run_main("eval", "knn", str(d["ckpt"]), *roots, "knn.ks=[1,3]") == 0
     record = json.loads((d["ckpt"].parent.parent / "eval" / "knn_init.json").read_text())
     assert record["classes"] == ["cat", "dog", "fox"] and record["num_train"] == 9
-    capsys.readouterr()
+    # Three classes: a top-5 would hold all of them, so none is reported.
+    assert record["results"]["majority/k=3/top5"] is None
+    assert "n/a" in capsys.readouterr().out
     err = one_line_error(capsys, "eval", "knn", str(d["ckpt"]), *roots, "features.source=block:2")
     assert "has no block_features" in err

@@ -1,4 +1,5 @@
 import json
+import math
 
 import numpy as np
 import pytest
@@ -88,9 +89,13 @@ def test_votes_match_bruteforce(seed, backend):
         tied = (ref == best).sum(axis=1) > 1
         ties_seen += int((tied & ok).sum())
         for row in np.flatnonzero(ok):
-            # The ranking's counts are exactly the reference's largest counts, in order; the
-            # top class is one of the maximal classes and is the reference's when unique.
-            np.testing.assert_array_equal(ref[row, ranked[row]], np.sort(ref[row])[::-1][:5])
+            # The ranking's counts are exactly the reference's largest positive counts, in
+            # order, then -1 (no class); the top class is one of the maximal classes and is
+            # the reference's when unique.
+            expected = np.sort(ref[row])[::-1][:5]
+            voted = ranked[row] >= 0
+            np.testing.assert_array_equal(voted, expected > 0)
+            np.testing.assert_array_equal(ref[row, ranked[row][voted]], expected[voted])
             if not tied[row]:
                 assert ranked[row, 0] == ref[row].argmax()
     assert ties_seen > 0
@@ -102,8 +107,10 @@ def test_votes_match_bruteforce(seed, backend):
             ok = unambiguous(full, order, k)
             ref = reference_scores(full, order, labels, classes, k, "weighted", temperature)
             ranked = weighted[k].numpy()[ok]
-            got = np.take_along_axis(ref[ok], ranked, axis=1)
+            # -1 (no class) scores 0, like a class without votes in the reference.
+            got = np.where(ranked >= 0, np.take_along_axis(ref[ok], ranked, axis=1), 0.0)
             np.testing.assert_allclose(got, -np.sort(-ref[ok], axis=1)[:, :5], rtol=1e-4)
+            assert ((ranked >= 0) == (got > 0)).all()
 
 
 def test_majority_tie_break_is_seeded_and_uniform():
@@ -119,7 +126,7 @@ def test_majority_tie_break_is_seeded_and_uniform():
     assert not torch.equal(a, c)
     assert set(a[:, 0].tolist()) == {0, 1}
     assert 0.45 < (a[:, 0] == 0).double().mean() < 0.55
-    assert (a[:, 2] == 2).all()  # the class without votes is ranked last
+    assert (a[:, 2] == -1).all()  # the class without votes is not ranked at all
     # A k's result does not depend on which other k are requested.
     assert torch.equal(knn_classify(sims, idx, labels, 3, [1, 2], seed=0)[2], a)
 
@@ -187,9 +194,10 @@ def test_evaluate_searches_once_and_is_json_serialisable(monkeypatch):
         for n in (1, 5)
     }
     assert expected <= res.keys()
-    assert all(0 <= res[key] <= 100 for key in expected)
+    assert all(0 <= res[key] <= 100 for key in expected if key.endswith("top1"))
     assert res["majority/k=1/top1"] == res["weighted/k=1/T=0.1/top1"]  # one neighbour, one vote
-    assert res["majority/k=1/top5"] == 100.0  # top-5 of 4 classes is all of them
+    # Top-5 of 4 classes would be all of them: not reported.
+    assert all(res[key] is None for key in expected if key.endswith("top5"))
     assert (res["num_train"], res["num_test"], res["dim"], res["num_classes"]) == (500, 60, 16, 4)
     assert res["backend"] == "torch" and res["bank_dtype"] == "float32"
     # Evaluation normalises: scaling rows changes nothing; backends give the same numbers.
@@ -267,3 +275,142 @@ def test_bad_inputs_raise_clear_errors():
         knn_classify(sims, idx, labels, 3, [1, 20])
     with pytest.raises(ValueError, match="temperature must be positive"):
         knn_classify(sims, idx, labels, 3, [1], vote="weighted", temperature=0.0)
+
+
+# --- Reported accuracies come from the votes only --------------------------------------------
+
+
+def test_classes_without_votes_earn_no_top5_credit():
+    # Query i is e_i; its only 1-NN votes for class (i + 1) % 10, never its own label.
+    r = knn_evaluate(
+        torch.eye(10),
+        torch.arange(10),
+        torch.eye(10).repeat(10, 1),
+        (torch.arange(100) % 10 + 1) % 10,
+        ks=[1],
+        num_classes=10,
+    )
+    assert r["majority/k=1/top1"] == 0.0 and r["majority/k=1/top5"] == 0.0
+    for t in ("0.07", "0.1"):
+        assert r[f"weighted/k=1/T={t}/top1"] == 0.0 and r[f"weighted/k=1/T={t}/top5"] == 0.0
+
+
+@pytest.mark.parametrize("vote", ["majority", "weighted"])
+def test_only_voted_classes_are_ranked(vote):
+    bank, queries, labels = make_data(3, n=120, q=40, d=8, classes=12)
+    sims, idx = knn_topk(bank, queries, 3)
+    ranked = knn_classify(sims, idx, labels, 12, [1, 3], vote=vote)
+    for k, pred in ranked.items():
+        for row in range(40):
+            voted = set(labels[idx[row, :k]].tolist())
+            got = pred[row].tolist()
+            assert set(got[: len(voted)]) == voted and got[len(voted) :] == [-1] * (5 - len(voted))
+
+
+def plain_knn_reference(bank, bank_labels, queries, query_labels, k, classes, temperature):
+    """Per query, in float64 and plain Python: is the label among the k neighbours' labels, is
+    it a weighted top-5 class (positive score, fewer than 5 classes scoring more), and is the
+    k-th neighbour clearly closer than the (k+1)-th (so float32 search finds the same set)."""
+    among, top5, clear = [], [], []
+    b, q = bank.double(), queries.double()
+    for i in range(q.shape[0]):
+        sims = (b @ q[i]).tolist()
+        order = sorted(range(len(sims)), key=lambda j: -sims[j])
+        nearest = order[:k]
+        scores = [0.0] * classes
+        for j in nearest:
+            scores[int(bank_labels[j])] += math.exp(sims[j] / temperature)
+        label = int(query_labels[i])
+        among.append(label in {int(bank_labels[j]) for j in nearest})
+        better = sum(s > scores[label] for s in scores)
+        top5.append(scores[label] > 0 and better < 5)
+        clear.append(sims[order[k - 1]] - sims[order[k]] > EPS)
+    return np.array(among), np.array(top5), np.array(clear)
+
+
+@pytest.mark.parametrize("seed", [0, 5])  # seeds without near-ties (asserted below)
+def test_top5_follows_the_neighbours_labels_on_random_data(seed):
+    classes = 10
+    bank, queries, bank_labels = make_data(seed, n=300, q=120, d=12, classes=classes)
+    query_labels = torch.randint(0, classes, (120,), generator=torch.Generator().manual_seed(9))
+    ks = [1, 2, 3, 4, 20]
+    res = knn_evaluate(
+        bank, bank_labels, queries, query_labels, ks=ks, temperatures=[0.1], num_classes=classes
+    )
+    for k in ks:
+        among, top5, clear = plain_knn_reference(
+            bank, bank_labels, queries, query_labels, k, classes, 0.1
+        )
+        assert clear.all()  # no near-tie between the k-th and (k+1)-th neighbour
+        share = 100.0 * among.mean()
+        for key in (f"majority/k={k}/top5", f"weighted/k={k}/T=0.1/top5"):
+            assert res[key] <= share + 1e-9, key
+            if k < 5:  # at most k < 5 classes have votes, and all of them are in the top 5
+                assert res[key] == pytest.approx(share), key
+        # Weighted scores are real-valued (no ties): the top-5 is exactly the reference's.
+        assert res[f"weighted/k={k}/T=0.1/top5"] == pytest.approx(100.0 * top5.mean())
+
+
+@pytest.mark.parametrize("vote", ["majority", "weighted"])
+def test_tied_classes_are_ordered_at_random_not_by_index(vote):
+    # Every query's two neighbours are equally close and of classes 3 and 1: a tie either way.
+    n = 4000
+    idx = torch.tensor([[0, 1]]).repeat(n, 1)
+    sims = torch.full((n, 2), 0.5)
+    labels = torch.tensor([3, 1])
+    a = knn_classify(sims, idx, labels, 6, [2], vote=vote, seed=0)[2]
+    assert torch.equal(a, knn_classify(sims, idx, labels, 6, [2], vote=vote, seed=0)[2])
+    assert not torch.equal(a, knn_classify(sims, idx, labels, 6, [2], vote=vote, seed=1)[2])
+    assert 0.45 < (a[:, 0] == 1).double().mean() < 0.55
+    assert set(a[:, :2].flatten().tolist()) == {1, 3} and (a[:, 2:] == -1).all()
+    # As accuracies: the same image twice in the bank, labelled 3 and 1. Queries of class 1
+    # are top-1 hits about half the time; queries of class 0 (nobody voted for it) never.
+    bank = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    key = "majority/k=2/top1" if vote == "majority" else "weighted/k=2/T=0.1/top1"
+    for label, low, high in ((1, 45, 55), (0, 0, 0)):
+        res = knn_evaluate(
+            bank,
+            torch.tensor([3, 1]),
+            bank[:1].repeat(n, 1),
+            torch.full((n,), label),
+            ks=[2],
+            votes=[vote],
+            temperatures=[0.1],
+            num_classes=6,
+        )
+        assert low <= res[key] <= high, (label, res[key])
+
+
+def test_top5_is_not_reported_with_five_or_fewer_classes():
+    bank, queries, labels = make_data(0, n=60, q=20, d=8, classes=5)
+    query_labels = labels[:20]
+    for classes in (2, 5):
+        res = knn_evaluate(
+            bank, labels % classes, queries, query_labels % classes, ks=(1, 20), votes=["majority"]
+        )
+        assert res["majority/k=20/top5"] is None and res["majority/k=1/top5"] is None
+        assert 0 <= res["majority/k=20/top1"] <= 100
+    res = knn_evaluate(bank, labels, queries, query_labels, ks=(20,), num_classes=6)
+    assert isinstance(res["majority/k=20/top5"], float)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        knn_evaluate(bank, labels * 0, queries, query_labels * 0, ks=(1,))
+
+
+def test_topk_accuracy_rejects_what_it_cannot_score():
+    ranked = torch.tensor([[2, -1], [0, 1]])
+    assert knn.topk_accuracy(ranked, torch.tensor([1, 1]), 2) == 50.0  # -1 is never a hit
+    with pytest.raises(ValueError, match="n=5 must be between 1 and the 2 ranked columns"):
+        knn.topk_accuracy(ranked, torch.tensor([1, 1]), 5)
+    with pytest.raises(ValueError, match="non-empty"):
+        knn.topk_accuracy(ranked[:0], torch.tensor([], dtype=torch.int64), 1)
+    with pytest.raises(ValueError, match=r"labels must have shape \(2,\)"):
+        knn.topk_accuracy(ranked, torch.tensor([1]), 1)
+
+
+def test_a_far_neighbour_still_votes_when_its_weight_underflows():
+    # exp((-1 - 1) / 1e-4) is 0 in float64; the class of that neighbour has a vote all the same.
+    sims, idx = torch.tensor([[1.0, -1.0]]), torch.tensor([[0, 1]])
+    ranked = knn_classify(
+        sims, idx, torch.tensor([2, 4]), 6, [2], vote="weighted", temperature=1e-4
+    )
+    assert ranked[2].tolist() == [[2, 4, -1, -1, -1]]

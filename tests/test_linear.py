@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
@@ -11,11 +12,13 @@ from torch import nn
 from ssl_lib.config import LinearEvalConfig
 from ssl_lib.eval.linear import (
     LinearProbe,
+    evaluate,
     holdout_split,
     linear_augmented,
     linear_cached,
     select_lr,
     standardization_stats,
+    topn_hits,
 )
 
 
@@ -93,3 +96,95 @@ def test_augmented_probe_keeps_the_backbone_frozen_in_eval_mode():
     moco_cfg = OmegaConf.merge(cfg, {"protocol": "moco", "lr": 0.1})
     moco = linear_augmented(model, loader, train_feats, (train_feats, y), 3, moco_cfg)
     assert len(moco["history"]) == 2
+
+
+# --- Reported accuracies come from evidence only ----------------------------------------------
+
+
+def fixed_probe(weight: torch.Tensor, bias: torch.Tensor) -> LinearProbe:
+    """A plain head with the given weights (classes x dim)."""
+    probe = LinearProbe(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        probe.fc.weight.copy_(weight)
+        probe.fc.bias.copy_(bias)
+    return probe
+
+
+def test_tied_logits_give_no_credit():
+    labels = torch.arange(40) % 10
+    feats = torch.randn(40, 4)
+    # All-zero logits: argmax would say class 0 (10 % top-1) and topk classes 0-4 (50 % top-5).
+    zero = fixed_probe(torch.zeros(10, 4), torch.zeros(10))
+    assert evaluate(zero, feats, labels, 10) == {"top1": 0.0, "top5": 0.0}
+    # Classes 0 and 7 tie for the largest logit: neither is credited with top-1, both with top-5.
+    bias = torch.zeros(10)
+    bias[[0, 7]] = 1.0
+    tied = fixed_probe(torch.zeros(10, 4), bias)
+    for label in (0, 7):
+        res = evaluate(tied, feats, torch.full((40,), label), 10)
+        assert res == {"top1": 0.0, "top5": 100.0}, label
+    # Classes 1-6 tie below them: a tie across the top-5 boundary credits none of them.
+    res = evaluate(tied, feats, torch.full((40,), 1), 10)
+    assert res == {"top1": 0.0, "top5": 0.0}
+    # A strict maximum is the standard top-1.
+    bias[7] = 2.0
+    strict = fixed_probe(torch.zeros(10, 4), bias)
+    assert evaluate(strict, feats, torch.full((40,), 7), 10) == {"top1": 100.0, "top5": 100.0}
+
+
+def test_topn_hits_rule():
+    logits = torch.tensor(
+        [
+            [3.0, 1.0, 2.0],  # label 0 strictly first
+            [1.0, 1.0, 0.0],  # label 0 tied first with class 1
+            [0.0, 0.0, 0.0],  # constant
+            [float("nan"), 1.0, 0.0],  # not finite
+            [0.0, 5.0, 1.0],  # label 0 last
+        ]
+    )
+    labels = torch.zeros(5, dtype=torch.int64)
+    assert topn_hits(logits, labels, 1).tolist() == [True, False, False, False, False]
+    assert topn_hits(logits, labels, 2).tolist() == [True, True, False, False, False]
+    with pytest.raises(ValueError, match="top-3 needs more than 3 classes"):
+        topn_hits(logits, labels, 3)
+    with pytest.raises(ValueError, match="Q x C"):
+        topn_hits(logits, labels[:2], 1)
+
+
+def test_probe_results_with_few_classes_empty_sets_and_bad_labels():
+    x, y = blobs(60, seed=0)  # 3 classes: a top-5 would hold all of them
+    probe = fixed_probe(torch.randn(3, 8), torch.zeros(3))
+    res = evaluate(probe, x, y, 3)
+    assert res["top5"] is None and 0 <= res["top1"] <= 100
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(probe, x[:0], y[:0], 3)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        evaluate(fixed_probe(torch.randn(1, 8), torch.zeros(1)), x, y * 0, 1)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        evaluate(probe, x, y + 1, 3)
+    with pytest.raises(ValueError, match="3 logits for 4 classes"):
+        evaluate(probe, x, y, 4)
+
+
+def test_both_probe_modes_credit_no_class_for_a_dead_head_and_skip_trivial_top5():
+    # Zero features and a learning rate of 0: the head's logits stay all zero (bias 0).
+    classes = 10
+    labels = torch.arange(80) % classes
+    zeros = torch.zeros(80, 8)
+    cached_cfg = lin_cfg(epochs=1, milestones=[1], batch_size=16, lr_grid=[0.0])
+    cached = linear_cached((zeros, labels), (zeros, labels), classes, cached_cfg)
+    plain_cfg = lin_cfg(protocol="moco", epochs=1, milestones=[1], lr=0.0)
+    dead = nn.Linear(8, 8)
+    nn.init.zeros_(dead.weight)
+    nn.init.zeros_(dead.bias)
+    loader = [(zeros[i : i + 16], labels[i : i + 16], None) for i in range(0, 80, 16)]
+    augmented = linear_augmented(dead, loader, zeros, (zeros, labels), classes, plain_cfg)
+    for res in (cached, augmented):
+        assert (res["top1"], res["top5"], res["best_top1"], res["best_top5"]) == (0, 0, 0, 0)
+    assert cached["lr_selection"]["holdout_top1"] == {0.0: 0.0}
+
+    # With 3 classes both modes report top-1 and no top-5.
+    x, y = blobs(60, seed=0)
+    few = linear_cached((x, y), (x, y), 3, lin_cfg(epochs=1, milestones=[1], lr_grid=[0.1]))
+    assert few["top5"] is None and few["best_top5"] is None and few["top1"] > 0
+    assert all(h["top5"] is None for h in few["history"])

@@ -208,6 +208,28 @@ def knn_topk(
     return top_sims, top_idx
 
 
+def _rank_ties_at_random(scores: Tensor, ncols: int, generator: torch.Generator) -> Tensor:
+    """Columns of the ``ncols`` largest positive ``scores`` per row, best first, then ``-1``.
+
+    Columns scoring 0 (no votes) are never ranked. Columns with equal scores are ordered
+    uniformly at random by ``generator``: only rows whose first ``ncols + 1`` scores hold a tie
+    are re-sorted (after a random column permutation, with a stable sort), so a vote without
+    ties costs one ``topk``.
+    """
+    width = min(ncols + 1, scores.shape[1])
+    values, ranked = torch.topk(scores, width, dim=1)
+    ranked = ranked[:, :ncols].clone()
+    tied = ((values[:, 1:] == values[:, :-1]) & (values[:, 1:] > 0)).any(dim=1)
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        sub = scores[rows]
+        keys = torch.rand(sub.shape, generator=generator, dtype=torch.float64, device=sub.device)
+        perm = keys.argsort(dim=1)
+        order = sub.gather(1, perm).argsort(dim=1, descending=True, stable=True)[:, :ncols]
+        ranked[rows] = perm.gather(1, order)
+    return ranked.masked_fill(scores.gather(1, ranked) <= 0, -1)
+
+
 def knn_classify(
     sims: Tensor,
     idx: Tensor,
@@ -220,18 +242,26 @@ def knn_classify(
     seed: int = 0,
     topn: int = 5,
 ) -> dict[int, Tensor]:
-    """Rank classes for every ``k`` in ``ks`` from one top-``max(ks)`` search result.
+    """Rank the classes that received votes, for every ``k`` in ``ks``, from one search.
 
-    ``sims``/``idx`` come from :func:`knn_topk` (sorted, ``Q x K`` with ``K >= max(ks)``). Votes:
+    ``sims`` (float, cosine similarities) and ``idx`` (int64 bank rows) come from
+    :func:`knn_topk`: both ``Q x K``, sorted by decreasing similarity, ``K >= max(ks)``.
+    ``bank_labels`` is an int64 tensor of the bank's labels in ``[0, num_classes)``. Votes:
 
-    * ``majority``: unweighted count of each class among the ``k`` neighbours; classes with equal
-      counts are ordered uniformly at random by a generator seeded with ``seed`` (one stream per
-      ``k``, so a result does not depend on which other ``k`` were requested).
+    * ``majority``: unweighted count of each class among the ``k`` neighbours.
     * ``weighted``: each neighbour adds ``exp(sim / temperature)`` to its class (computed as
       ``exp((sim - max_sim) / temperature)``, which ranks the same and cannot overflow).
 
-    Returns ``{k: ranked}`` with ``ranked`` int64 of shape ``Q x min(topn, num_classes)``, best
-    class first.
+    Only classes with at least one of the ``k`` neighbours are ranked (a weight is never less
+    than the smallest normal float64, so a far neighbour still counts as a vote); the others
+    never appear, and their places are filled with ``-1``, which matches no label. Classes
+    with equal scores are ordered uniformly at random by a generator seeded with ``seed`` (one
+    stream per ``k``, so a result does not depend on which other ``k`` were requested).
+
+    Returns ``{k: ranked}``, ``ranked`` int64 of shape ``Q x min(topn, num_classes)`` on
+    ``idx``'s device, best class first, ``-1`` after the last voted class. Raises
+    ``ValueError`` for mismatched shapes, an unknown vote, a non-positive temperature or
+    ``topn``, or a ``k`` outside ``[1, K]``.
     """
     if sims.shape != idx.shape or sims.dim() != 2:
         raise ValueError(
@@ -241,6 +271,8 @@ def knn_classify(
         raise ValueError(f"vote must be 'majority' or 'weighted', got {vote!r}")
     if vote == "weighted" and not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    if topn < 1:
+        raise ValueError(f"topn must be positive, got {topn}")
     if not ks:
         raise ValueError("ks is empty")
     if min(ks) < 1 or max(ks) > sims.shape[1]:
@@ -256,27 +288,44 @@ def knn_classify(
         ranked = []
         for start, rows_idx in _row_chunks(idx, _ROW_CHUNK):
             neighbour_labels = labels[rows_idx[:, :k]]
-            if vote == "majority":
-                weights = torch.ones(neighbour_labels.shape, dtype=torch.float64, device=idx.device)
-            else:
-                rows_sims = sims[start : start + rows_idx.shape[0], :k].double()
-                weights = torch.exp((rows_sims - rows_sims[:, :1]) / temperature)
             scores = torch.zeros(
                 rows_idx.shape[0], num_classes, dtype=torch.float64, device=idx.device
             )
-            scores.scatter_add_(1, neighbour_labels, weights)
             if vote == "majority":
-                # Counts are integers, so a uniform jitter in [0, 1) only reorders tied classes.
+                weights = torch.ones(neighbour_labels.shape, dtype=torch.float64, device=idx.device)
+                scores.scatter_add_(1, neighbour_labels, weights)
+                # Counts are integers, so a uniform jitter in [0, 1) only reorders tied classes;
+                # a class without votes scores below 1.
                 scores += torch.rand(
                     scores.shape, generator=generator, dtype=torch.float64, device=idx.device
                 )
-            ranked.append(torch.topk(scores, ncols, dim=1).indices)
+                values, top = torch.topk(scores, ncols, dim=1)
+                ranked.append(top.masked_fill(values < 1, -1))
+            else:
+                rows_sims = sims[start : start + rows_idx.shape[0], :k].double()
+                weights = torch.exp((rows_sims - rows_sims[:, :1]) / temperature)
+                # A neighbour far below the nearest still votes: its weight never underflows to 0.
+                weights.clamp_(min=torch.finfo(torch.float64).tiny)
+                scores.scatter_add_(1, neighbour_labels, weights)
+                ranked.append(_rank_ties_at_random(scores, ncols, generator))
         out[k] = torch.cat(ranked)
     return out
 
 
 def topk_accuracy(ranked: Tensor, labels: Tensor, n: int) -> float:
-    """Percentage of rows whose label is among the first ``n`` columns of ``ranked``."""
+    """Percentage (0-100) of rows whose label is among the first ``n`` columns of ``ranked``.
+
+    ``ranked``: int64, ``Q x C`` classes best first (``-1`` = no class, never a hit), as
+    :func:`knn_classify` returns; ``labels``: integer, shape ``(Q,)``. Raises ``ValueError``
+    for an empty ``ranked``, mismatched shapes, or ``n`` outside ``[1, C]`` (a top-``n`` of
+    fewer than ``n`` ranked columns is not computed).
+    """
+    if ranked.dim() != 2 or ranked.shape[0] == 0:
+        raise ValueError(f"ranked must be a non-empty Q x C tensor, got {tuple(ranked.shape)}")
+    if labels.shape != ranked.shape[:1]:
+        raise ValueError(f"labels must have shape ({ranked.shape[0]},), got {tuple(labels.shape)}")
+    if not 1 <= n <= ranked.shape[1]:
+        raise ValueError(f"n={n} must be between 1 and the {ranked.shape[1]} ranked columns")
     hits = (ranked[:, :n] == labels.to(ranked.device)[:, None]).any(dim=1)
     return 100.0 * hits.double().mean().item()
 
@@ -295,13 +344,27 @@ def knn_evaluate(
     query_chunk: int = DEFAULT_QUERY_CHUNK,
     bank_chunk: int = DEFAULT_BANK_CHUNK,
     seed: int = 0,
-) -> dict[str, float | int | str | list]:
+) -> dict[str, float | int | str | list | None]:
     """kNN top-1/top-5 accuracy (in %) of ``test_feats`` against the ``train_feats`` bank.
 
-    Features are L2-normalised here unless their rows already have unit norm. One search for
-    ``max(ks)`` neighbours serves every vote, ``k`` and temperature. Result keys look like
+    ``train_feats`` (N x D) and ``test_feats`` (Q x D) are floating-point features (the bank
+    may be float16/bfloat16); ``train_labels`` (N,) and ``test_labels`` (Q,) are integer labels
+    in ``[0, num_classes)``; ``num_classes`` defaults to the largest label + 1. Features are
+    L2-normalised here unless their rows already have unit norm. One search for ``max(ks)``
+    neighbours serves every vote, ``k`` and temperature. Result keys look like
     ``"majority/k=20/top1"`` and ``"weighted/k=200/T=0.1/top5"``; the settings used are stored
     alongside, so the dict can be written to JSON as is.
+
+    Accuracies come from the votes only (see :func:`knn_classify`): a query is a top-n hit when
+    its label received at least one vote and is among the ``n`` best-scored classes, so a class
+    without votes is never credited and top-5 never exceeds the share of queries whose label is
+    among their ``k`` neighbours. Top-5 needs more than 5 classes: with 5 or fewer every class
+    would be in it, and its value is ``None`` (JSON ``null``).
+
+    Raises ``ValueError`` for empty, non-2-D, non-float or non-finite features, mismatched
+    dimensions, labels of the wrong shape, dtype or range, fewer than 2 classes, an empty
+    ``ks`` or ``votes``, an unknown vote, a ``k`` larger than the bank, or a weighted vote
+    without temperatures.
     """
     _check_features(train_feats, "train_feats")
     _check_features(test_feats, "test_feats")
@@ -322,6 +385,11 @@ def knn_evaluate(
         raise ValueError("the weighted vote needs at least one temperature")
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    if num_classes < 2:
+        raise ValueError(
+            f"accuracy needs at least 2 classes, got num_classes={num_classes} "
+            "(pass num_classes if the labels present do not show them all)"
+        )
     _check_labels(train_labels, train_feats.shape[0], num_classes, "train_labels")
     _check_labels(test_labels, test_feats.shape[0], num_classes, "test_labels")
 
@@ -331,7 +399,7 @@ def knn_evaluate(
         bank, queries, max(ks), backend=backend, query_chunk=query_chunk, bank_chunk=bank_chunk
     )
     topn = min(5, num_classes)
-    results: dict[str, float | int | str | list] = {}
+    results: dict[str, float | int | str | list | None] = {}
     for vote in votes:
         for temperature in temperatures if vote == "weighted" else [None]:
             prefix = f"{vote}/k={{k}}" + ("" if temperature is None else f"/T={temperature:g}")
@@ -349,7 +417,8 @@ def knn_evaluate(
             )
             for k, pred in ranked.items():
                 results[prefix.format(k=k) + "/top1"] = topk_accuracy(pred, test_labels, 1)
-                results[prefix.format(k=k) + "/top5"] = topk_accuracy(pred, test_labels, topn)
+                top5 = topk_accuracy(pred, test_labels, 5) if num_classes > 5 else None
+                results[prefix.format(k=k) + "/top5"] = top5
     results.update(
         num_train=train_feats.shape[0],
         num_test=test_feats.shape[0],

@@ -8,7 +8,8 @@
 * ``cached``: the UMBC head trained on cached centre-crop features; the learning rate is picked
   on a held-out part of the train set only, then the head is retrained on all of it.
 
-Every protocol reports top-1 / top-5 on the val set after the last epoch and at the best epoch.
+Every protocol reports top-1 / top-5 (see :func:`evaluate` for ties and few classes) on the val
+set after the last epoch and at the best epoch.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.functional.classification import multiclass_accuracy
 from tqdm import tqdm
 
 STANDARDIZE_EPS = 1e-5
@@ -67,20 +67,69 @@ def make_optimizer(
     return optimizer, scheduler
 
 
+def topn_hits(logits: Tensor, labels: Tensor, n: int) -> Tensor:
+    """Which rows of ``logits`` (Q x C, float) rank their label among the top ``n`` for certain.
+
+    A row is a hit when its logits are all finite and at most ``n`` classes, the label
+    included, score at least as high as the label: the label is in the top ``n`` however ties
+    are broken. A tie at the boundary therefore gives no credit, and constant (e.g. all-zero)
+    logits are never a hit. ``labels``: integer, shape ``(Q,)``, in ``[0, C)`` (not checked
+    here, so that a training step needs no device sync; :func:`evaluate` checks them). Returns
+    a bool tensor of shape ``(Q,)`` on ``logits``' device. Raises ``ValueError`` for mismatched
+    shapes or ``n`` outside ``[1, C - 1]`` (a top-``n`` of ``n`` or fewer classes holds every
+    class).
+    """
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"logits must be Q x C and labels (Q,), got {tuple(logits.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    num_classes = logits.shape[1]
+    if not 1 <= n < num_classes:
+        raise ValueError(f"top-{n} needs more than {n} classes, the logits have {num_classes}")
+    label_logit = logits.gather(1, labels.to(logits.device)[:, None].long())
+    at_least = (logits >= label_logit).sum(dim=1)
+    return torch.isfinite(logits).all(dim=1) & (at_least <= n)
+
+
 @torch.no_grad()
 def evaluate(probe: nn.Module, feats: Tensor, labels: Tensor, num_classes: int) -> dict:
-    """Top-1 and top-5 accuracy (%) of ``probe`` on precomputed features."""
+    """Top-1 and top-5 accuracy (%, float) of ``probe`` on precomputed features.
+
+    ``feats``: Q x D floating-point features; ``labels``: integer, shape ``(Q,)``, in
+    ``[0, num_classes)``; the probe's logits must have ``num_classes`` columns. A row counts
+    only when its label is in the top 1 / top 5 whatever the tie-break (:func:`topn_hits`):
+    equal maximum logits credit no class, not class 0, and rows with non-finite logits are
+    misses. ``top5`` is ``None`` when there are 5 or fewer classes (it would hold every class).
+    Raises ``ValueError`` for an empty set, fewer than 2 classes, mismatched shapes or labels
+    out of range.
+    """
+    if len(feats) == 0:
+        raise ValueError("no rows to evaluate: the feature set is empty")
+    if num_classes < 2:
+        raise ValueError(f"accuracy needs at least 2 classes, got num_classes={num_classes}")
+    if labels.shape != (len(feats),) or labels.is_floating_point():
+        raise ValueError(
+            f"labels must be integers of shape ({len(feats)},), got {labels.dtype} "
+            f"{tuple(labels.shape)}"
+        )
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got values in "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
     device = next(probe.parameters()).device
     logits = torch.cat(
         [probe(feats[i : i + _EVAL_BATCH].to(device)) for i in range(0, len(feats), _EVAL_BATCH)]
     )
+    if logits.shape[1] != num_classes:
+        raise ValueError(f"the probe gives {logits.shape[1]} logits for {num_classes} classes")
     target = labels.to(device)
-    top5 = min(5, num_classes)
-    return {
-        "top1": 100.0 * multiclass_accuracy(logits, target, num_classes, average="micro").item(),
-        "top5": 100.0
-        * multiclass_accuracy(logits, target, num_classes, average="micro", top_k=top5).item(),
-    }
+
+    def accuracy(n: int) -> float:
+        return 100.0 * topn_hits(logits, target, n).double().mean().item()
+
+    return {"top1": accuracy(1), "top5": accuracy(5) if num_classes > 5 else None}
 
 
 def _train_epochs(

@@ -2,10 +2,12 @@
 
 * :class:`KNNMonitor`: every N epochs, backbone features of a bounded labelled subset under the
   evaluation transform (BatchNorm in eval mode), kNN majority vote of ``knn_val_samples`` images
-  against a bank of ``knn_train_samples`` images; logs ``monitor/knn_top1`` and ``_top5``.
+  against a bank of ``knn_train_samples`` images; logs ``monitor/knn_top1`` and ``_top5``
+  (top-5 only with more than 5 classes; classes without votes are never credited).
 * :class:`OnlineLinearMonitor`: a linear classifier trained on the *detached* backbone features
   of views[0] with its own optimiser; it never touches the method's parameters, gradients,
-  optimiser or EMA target. Logs ``monitor/online_linear_acc`` and ``_loss``.
+  optimiser or EMA target. Logs ``monitor/online_linear_acc`` (a row counts only when its
+  label's logit is strictly the largest: tied maxima credit no class) and ``_loss``.
 
 Both need labels; :func:`build_monitors` leaves them out, with a logged note, for data with a
 single class (an unlabelled image folder).
@@ -26,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from ssl_lib.data import VIEWS, IndexedDataset, build_base_dataset
 from ssl_lib.eval.features import extract_features
 from ssl_lib.eval.knn import knn_evaluate
+from ssl_lib.eval.linear import topn_hits
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,11 @@ def monitor_subsets(data_cfg: DictConfig, train_samples: int, val_samples: int, 
 
 
 class KNNMonitor(pl.Callback):
-    """kNN accuracy of the online backbone on a bounded labelled subset every N epochs."""
+    """kNN accuracy of the online backbone on a bounded labelled subset every N epochs.
+
+    Logs ``monitor/knn_top1`` and, with more than 5 classes, ``monitor/knn_top5`` (percent),
+    as :func:`~ssl_lib.eval.knn.knn_evaluate` computes them for the majority vote.
+    """
 
     def __init__(self, bank: Dataset, queries: Dataset, num_classes: int, cfg, image_size: int):
         self.sets = {"bank": bank, "queries": queries}
@@ -92,7 +99,9 @@ class KNNMonitor(pl.Callback):
         )
         k = results["ks"][0]
         for n in ("top1", "top5"):
-            pl_module.log(f"monitor/knn_{n}", results[f"majority/k={k}/{n}"])
+            value = results[f"majority/k={k}/{n}"]
+            if value is not None:  # top-5 is undefined with 5 or fewer classes
+                pl_module.log(f"monitor/knn_{n}", value)
 
 
 class OnlineLinearMonitor(pl.Callback):
@@ -102,6 +111,11 @@ class OnlineLinearMonitor(pl.Callback):
     the backbone's input is views[0] itself); a method that never feeds views[0] unchanged to
     its backbone gets one extra forward in eval mode under ``no_grad``. Under DDP the
     classifier's gradients are averaged over processes, so every copy stays identical.
+
+    ``monitor/online_linear_acc`` (percent, epoch mean over the training batches, measured
+    before each step) counts a sample only when its label's logit is finite and strictly the
+    largest (:func:`~ssl_lib.eval.linear.topn_hits` with ``n=1``): equal maximum logits, e.g.
+    constant ones, credit no class rather than the lowest class index.
     """
 
     def __init__(self, feat_dim: int, num_classes: int, lr: float) -> None:
@@ -149,7 +163,7 @@ class OnlineLinearMonitor(pl.Callback):
                 dist.all_reduce(p.grad)
                 p.grad /= dist.get_world_size()
         self.optimizer.step()
-        acc = 100.0 * (logits.argmax(dim=1) == labels).float().mean()
+        acc = 100.0 * topn_hits(logits.detach(), labels, 1).float().mean()
         batch_size = labels.shape[0]
         kwargs = {"on_step": False, "on_epoch": True, "batch_size": batch_size, "sync_dist": True}
         pl_module.log("monitor/online_linear_acc", acc, **kwargs)

@@ -258,7 +258,7 @@ def run_linear(checkpoint: str | Path, cfg: DictConfig) -> tuple[dict, Path]:
 
 
 def results_table(command: str, results: dict) -> str:
-    """The accuracies of a results dict as an aligned text table."""
+    """The accuracies of a results dict as an aligned text table (``n/a`` for ``None``)."""
     if command == "knn":
         rows = {}
         for key, value in results.items():
@@ -273,7 +273,11 @@ def results_table(command: str, results: dict) -> str:
                 "top5": results["best_top5"],
             },
         }
+
+    def cell(value: float | None) -> str:
+        return f"{'n/a':>7}" if value is None else f"{value:7.2f}"
+
     width = max(len(name) for name in rows)
     lines = [f"{'':{width}}  {'top1':>7}  {'top5':>7}"]
-    lines += [f"{name:{width}}  {r['top1']:7.2f}  {r['top5']:7.2f}" for name, r in rows.items()]
+    lines += [f"{name:{width}}  {cell(r['top1'])}  {cell(r['top5'])}" for name, r in rows.items()]
     return "\n".join(lines)
