@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -113,3 +114,117 @@ def test_file_list(tmp_path):
     lst.write_text("../other/0.png\n")
     with pytest.raises(DataError, match="not a class"):
         file_list(str(root), str(lst))
+
+
+# ----------------------------------------------------------------- folder scanning vs torchvision
+def _img(path, fmt: str = "PNG") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (2, 2), (len(path.name) * 9 % 256, 0, 0)).save(path, format=fmt)
+
+
+def _tree_linked_subfolder(tmp):
+    """The reported case: 2 images and a link to a folder of 3 more."""
+    root = tmp / "data"
+    for i in range(2):
+        _img(root / "a" / f"{i}.png")
+    for i in range(3):
+        _img(tmp / "elsewhere" / f"x{i}.png")
+    (root / "a" / "more").symlink_to(tmp / "elsewhere", target_is_directory=True)
+    _img(root / "b" / "0.png")
+    return root
+
+
+def _tree_everything(tmp):
+    """Nested folders, links to folders and files, case, hidden and odd names, diamonds."""
+    root = tmp / "data"
+    _img(root / "cat" / "z.png")
+    _img(root / "cat" / "deep" / "er" / "1.JPG", "JPEG")
+    _img(root / "cat" / "b-c" / "1.Jpeg", "JPEG")
+    _img(root / "cat" / "b" / "2.png")
+    _img(root / "cat" / ".hidden.png")
+    _img(root / "cat" / ".hidden_dir" / "3.PNG")
+    _img(root / "cat" / ".png")  # a name that is only an extension: torchvision keeps it
+    (root / "cat" / "notes.txt").write_text("not an image")
+    (root / "cat" / ".DS_Store").write_bytes(b"\0")
+    (root / "cat" / "png").write_bytes(b"\0")  # no dot: not an image name
+    _img(tmp / "shared" / "s1.png")
+    _img(tmp / "shared" / "sub" / "s2.tif", "TIFF")
+    (root / "cat" / "shared").symlink_to(tmp / "shared", target_is_directory=True)
+    (root / "cat" / "b" / "shared_again").symlink_to(tmp / "shared", target_is_directory=True)
+    (root / "cat" / "linked.png").symlink_to(tmp / "shared" / "s1.png")
+    (root / "cat" / "broken.png").symlink_to(tmp / "nowhere.png")  # kept, fails when read
+    _img(tmp / "dogs" / "d.webp", "WEBP")
+    (root / "dog").symlink_to(tmp / "dogs", target_is_directory=True)  # a class that is a link
+    (root / "dog" / "cats").symlink_to(root / "cat", target_is_directory=True)  # another class
+    _img(root / ".hidden_class" / "h.bmp", "BMP")
+    _img(root / "top_level.png")  # files directly in the root are no class's
+    return root
+
+
+@pytest.mark.parametrize("make_tree", [_tree_linked_subfolder, _tree_everything])
+def test_image_folder_lists_what_torchvision_image_folder_lists(tmp_path, make_tree):
+    from torchvision.datasets import ImageFolder
+
+    root = make_tree(tmp_path)
+    reference = ImageFolder(str(root))
+    ds = image_folder(str(root))
+    assert ds.classes == reference.classes
+    assert ds.samples == reference.samples  # same files, labels and order
+    if make_tree is _tree_linked_subfolder:
+        assert len(ds) == 6  # 5 in class a (2 + 3 behind the link), 1 in b
+
+
+def test_broken_link_is_an_unreadable_image(tmp_path):
+    root = _tree_everything(tmp_path)
+    ds = image_folder(str(root))
+    broken = next(i for i, (p, _) in enumerate(ds.samples) if p.endswith("broken.png"))
+    with pytest.raises(DataError, match=r"cannot read image '.*broken.png'"):
+        ds[broken]
+
+
+def test_link_loops_are_followed_once(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    root = tmp_path / "data"
+    for name in ("0.png", "sub/1.png", "sub/deeper/2.png"):
+        _img(root / "a" / name)
+    _img(root / "b" / "0.png")
+    loop_free = ImageFolder(str(root)).samples
+    # two loops in one folder: os.walk(followlinks=True) would branch at every turn
+    (root / "a" / "sub" / "deeper" / "up").symlink_to(root / "a", target_is_directory=True)
+    (root / "a" / "sub" / "deeper" / "here").symlink_to(
+        root / "a" / "sub" / "deeper", target_is_directory=True
+    )
+    (root / "a" / "sub" / "data").symlink_to(root, target_is_directory=True)
+    with pytest.warns(UserWarning, match="link loop") as caught:
+        ds = image_folder(str(root))
+    messages = [str(w.message) for w in caught]
+    assert any("deeper/up'" in m for m in messages) and any("deeper/here'" in m for m in messages)
+    # each of a's files once, b's file also in a through the link to the data folder
+    a = root / "a"
+    assert ds.samples == [
+        (str(a / "0.png"), 0),
+        (str(a / "sub" / "1.png"), 0),
+        (str(a / "sub" / "data" / "b" / "0.png"), 0),
+        (str(a / "sub" / "deeper" / "2.png"), 0),
+        (str(root / "b" / "0.png"), 1),
+    ]
+    (a / "sub" / "deeper" / "up").unlink()
+    (a / "sub" / "deeper" / "here").unlink()
+    (a / "sub" / "data").unlink()
+    assert image_folder(str(root)).samples == loop_free  # no loop left: torchvision's list
+
+
+def test_unreadable_sub_folder_is_an_error(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "data")
+    (root / "a" / "private").mkdir()
+    scandir = os.scandir
+
+    def denied(path):
+        if str(path).endswith("private"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(DataError, match=r"cannot read folder '.*a/private': Permission denied"):
+        image_folder(str(root))
