@@ -14,10 +14,12 @@ from ssl_lib.data import (
     DataError,
     IndexedDataset,
     MultiView,
+    SSLDataModule,
     SyntheticPatterns,
     file_list,
     image_folder,
 )
+from ssl_lib.data.sampling import EpochSampler
 from ssl_lib.data.transforms import VIEWS, eval_transform
 
 
@@ -228,3 +230,53 @@ def test_unreadable_sub_folder_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "scandir", denied)
     with pytest.raises(DataError, match=r"cannot read folder '.*a/private': Permission denied"):
         image_folder(str(root))
+
+
+# ----------------------------------------------------------------- one-sample batches
+def test_sampler_drops_a_last_batch_of_one_sample_on_every_process():
+    # 11 samples, 2 processes, 2 per process: shares of 5 would end in a batch of 1
+    shards = [EpochSampler(11, 2, 3, r, 2, min_last_batch=2) for r in range(2)]
+    plain = [EpochSampler(11, 2, 3, r, 2) for r in range(2)]
+    assert [len(s) for s in shards] == [4, 4] and all(s.short_batch_dropped for s in shards)
+    assert shards[0].dropped == 3  # 1 for equal shares, 1 per process for the short batch
+    for s, p in zip(shards, plain, strict=True):
+        assert list(s) == list(p)[:4]  # the same order, cut: positions in an epoch unchanged
+        s.resume_at(0, 1)
+        assert list(s) == list(p)[2:4]
+    dropped_last = EpochSampler(11, 2, 3, 0, 2, drop_last=True)
+    assert len(dropped_last) == 4 and not dropped_last.short_batch_dropped
+    assert len(EpochSampler(12, 4, min_last_batch=2)) == 12  # a last batch of 4 stays
+    assert len(EpochSampler(10, 4, min_last_batch=2)) == 10  # a last batch of 2 stays
+    assert len(EpochSampler(9, 1, min_last_batch=2)) == 9  # batches of 1 are asked for
+
+
+def test_loader_never_yields_a_batch_of_one_and_counts_what_it_drops(make_config):
+    cfg = make_config(data={"batch_size": 8, "drop_last": False, "synthetic": {"num_samples": 9}})
+    dm = SSLDataModule(cfg.data, seed=0)
+    with pytest.warns(UserWarning, match="trains on 8 of 9 samples"):
+        loader = dm.train_dataloader()
+    assert [len(index) for _, _, index in loader] == [8] and len(loader) == 1
+    assert dm.dropped_samples == 1
+    # a global batch split over processes: every process runs the same number of batches,
+    # none of one sample (11 over 2 processes in 2s, 11 over 3 in 2s: shares of 5 and 3)
+    for num, batch, world in [(11, 4, 2), (11, 6, 3), (9, 8, 1), (64, 16, 4)]:
+        data = {"batch_size": batch, "drop_last": False, "synthetic": {"num_samples": num}}
+        dm = SSLDataModule(make_config(data=data).data, seed=0)
+        per = batch // world  # what the DataLoader cuts each share into
+        shares = [len(dm.sampler(world, r)) for r in range(world)]
+        sizes = [[min(per, n - i) for i in range(0, n, per)] for n in shares]
+        assert all(s == sizes[0] for s in sizes) and min(sizes[0]) >= 2
+        assert num - world * shares[0] == dm.sampler(world).dropped
+    cfg = make_config(data={"batch_size": 8, "synthetic": {"num_samples": 10}})
+    dm = SSLDataModule(cfg.data, seed=0)
+    dm.train_dataloader()  # data.drop_last=true drops 2: counted, not warned
+    assert dm.dropped_samples == 2
+
+
+def test_batch_bounds_join_a_lone_last_sample_to_the_batch_before():
+    from ssl_lib.data.sampling import batch_bounds
+
+    assert [list(r) for r in batch_bounds(5, 2)] == [[0, 1], [2, 3, 4]]
+    assert [len(r) for r in batch_bounds(17, 8)] == [8, 9]
+    assert [len(r) for r in batch_bounds(16, 8)] == [8, 8]
+    assert [len(r) for r in batch_bounds(1, 8)] == [1]
