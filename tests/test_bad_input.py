@@ -5,6 +5,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
@@ -17,6 +23,8 @@ from ssl_lib.data import DataError, SSLDataModule, build_base_dataset, file_list
 from ssl_lib.data.datasets import load_rgb
 from ssl_lib.eval.runner import eval_datasets
 from ssl_lib.methods import build_method
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_folder(root, classes=("a", "b"), per_class=2, size=8):
@@ -166,3 +174,114 @@ def test_setting_a_method_rejects_is_a_one_line_error(make_config, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ssl-lib: error: method.bank_size (8)")
     assert not any(tmp_path.iterdir())  # nothing written for a run that could not start
+
+
+# ----------------------------------------------------------------- batches of one sample
+def _ssl_lib(*args: str, cwd) -> subprocess.CompletedProcess:
+    """The installed ``ssl-lib`` command, run from the checkout (the shipped recipes)."""
+    exe = Path(sys.executable).with_name("ssl-lib")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+QUICK = [
+    "trainer.progress_bar=false",
+    "monitor.knn_every_n_epochs=0",
+    "monitor.online_linear=false",
+    "data.num_workers=0",
+]
+NINE_IMAGES = ["data.synthetic.num_samples=9", "trainer.max_epochs=1", *QUICK]
+
+
+def test_a_last_batch_of_one_sample_is_dropped_warned_and_counted(tmp_path):
+    """9 images in batches of 8: the 9th would be a batch of one, which BatchNorm rejects."""
+    out = tmp_path / "runs"
+    args = ["train", "demo/byol", "data.batch_size=8", "data.drop_last=false", *NINE_IMAGES]
+    proc = _ssl_lib(*args, f"run.output_dir={out}", cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = out / "demo_byol"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert proc.stderr.count("each epoch trains on 8 of 9 samples") == 1  # warned once
+    assert "a last batch of one sample per process" in proc.stderr
+    final = json.loads((run / "metrics.json").read_text())["final"]
+    assert final["train/dropped_samples"] == 1.0 and final["step"] == 1
+
+
+def test_a_split_leaving_one_sample_per_process_is_dropped_on_every_process(tmp_path):
+    """11 images over 2 processes in global batches of 4: shares of 5 would end in batches of
+    one on both processes; both drop them and run the same 2 steps per epoch (no hang)."""
+    out = tmp_path / "runs"
+    ddp = ["trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu"]
+    args = ["train", "demo/byol", "data.batch_size=4", "data.drop_last=false", *ddp, *QUICK]
+    args += ["data.synthetic.num_samples=11", "trainer.max_epochs=2", f"run.output_dir={out}"]
+    proc = _ssl_lib(*args, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("each epoch trains on 8 of 11 samples") == 1  # rank 0 only
+    final = json.loads((out / "demo_byol" / "metrics.json").read_text())["final"]
+    assert final["step"] == 4 and final["train/dropped_samples"] == 3.0
+
+
+@pytest.mark.parametrize(
+    "recipe, expected",
+    [
+        ("demo/byol", "the BatchNorm layers projector.1, predictor.1, target.projector.1 need"),
+        ("demo/barlow_twins", "Barlow Twins standardises the embeddings over the global batch"),
+    ],
+)
+def test_a_configured_batch_of_one_sample_is_a_one_line_error(tmp_path, recipe, expected):
+    out = tmp_path / "runs"
+    proc = _ssl_lib(
+        "train", recipe, "data.batch_size=1", *NINE_IMAGES, f"run.output_dir={out}", cwd=ROOT
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ssl-lib: error: data.batch_size=1")
+    assert expected in lines[0] and "at least 2" in lines[0]
+    assert not out.exists()  # stopped before the run folder
+
+
+def test_a_global_batch_leaving_one_sample_per_process_is_an_error(make_config):
+    cfg = make_config(trainer={"devices": 2}, data={"batch_size": 2})
+    with pytest.raises(
+        ConfigError,
+        match=r"data.batch_size=2 gives each of 2 process\(es\) "
+        r"batches of 1 sample.*a multiple of 2 of at least 4",
+    ):
+        build_method(cfg)
+    build_method(make_config(trainer={"devices": 2}, data={"batch_size": 4}))
+    # 3 over 2 processes: refused before the run folder, not split into 2 + 1
+    with pytest.raises(DataError, match=r"batch_size=3 \(global\) does not divide evenly over 2"):
+        build_method(make_config(trainer={"devices": 2}, data={"batch_size": 3}))
+    with pytest.raises(DataError, match="does not divide evenly over 4 processes"):
+        build_method(
+            make_config(
+                trainer={"devices": "0,1", "num_nodes": 2, "accelerator": "gpu"},
+                data={"batch_size": 6},
+            )
+        )
+    # Barlow Twins with SyncBatchNorm over 2 processes: statistics over the global batch of 2
+    build_method(
+        make_config(
+            "barlow_twins",
+            trainer={"devices": 2},
+            data={"batch_size": 2},
+            model={"predictor": None},
+        )
+    )
+
+
+def test_batch_of_one_is_refused_only_where_batchnorm_sees_one_value(make_config):
+    no_bn = {"projector": {"hidden_dim": 32, "out_dim": 16, "batch_norm": False}}
+    build_method(make_config("moco", data={"batch_size": 1}, model=no_bn))  # 4 x 4 maps at 32 px
+    tiny = make_config("moco", data={"batch_size": 1, "image_size": 8}, model=no_bn)
+    with pytest.raises(ConfigError, match=r"BatchNorm layers backbone\.stages\.3\.1 need"):
+        build_method(tiny)  # the last stage's map is 1 x 1 at 8 px
+
+
+def test_too_few_samples_per_process_for_any_batch(make_config):
+    cfg = make_config(data={"batch_size": 4, "drop_last": False, "synthetic": {"num_samples": 3}})
+    SSLDataModule(cfg.data).check(world_size=1)  # one batch of 3
+    with pytest.raises(DataError, match=r"gives each of 2 process\(es\) fewer than 2 samples"):
+        SSLDataModule(cfg.data).check(world_size=2)  # 1 sample each

@@ -440,3 +440,35 @@ def test_short_neighbours_policy_and_count(make_config, policy):
     other = masked_msf_loss(q, neighbours, None if valid is not None else result.valid)
     assert loss.item() != pytest.approx(other.item(), rel=1e-6)  # the policies differ here
     assert extra["short_queries"].item() == result.num_short >= 2
+
+
+# ----------------------------------------------------------- the pseudo-labeller's batches
+def test_pseudo_labeller_trains_on_every_labelled_row(make_config):
+    """17 rows in batches of 8: the 17th joins the second batch instead of being skipped."""
+    from ssl_lib.methods.cmsf_semi import train_classifier
+    from ssl_lib.models import MLPConfig, build_mlp
+
+    torch.manual_seed(0)
+    head = build_mlp(D, MLPConfig(hidden_dim=32, out_dim=4))
+    seen: list[int] = []
+    head.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    feats = torch.randn(17, D, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(17) % 4
+    train_classifier(head, feats, labels, 2, 8, 0.01, 0.9, 0.0, seed=0)
+    assert seen == [8, 9, 8, 9]
+
+
+@pytest.mark.parametrize("key", ["pseudo_batch_size", "sup_cache_size"])
+def test_pseudo_labeller_batch_of_one_is_a_config_error(make_config, key):
+    cfg = cmsf_config(make_config, "cmsf_semi", **{key: 1})
+    with pytest.raises(ConfigError, match=rf"method.{key}=1: the pseudo-labeller has BatchNorm"):
+        build_method(cfg)
+
+
+def test_pseudo_labeller_round_with_one_labelled_row_warns(make_config):
+    model = build_method(cmsf_config(make_config, "cmsf_semi", constraint_warmup_epochs=1))
+    model.log = lambda *args, **kwargs: None  # no Trainer attached
+    model.sup_cache.enqueue(F.normalize(torch.randn(1, D), dim=1), labels=torch.tensor([3]))
+    with pytest.warns(UserWarning, match="round skipped: the labelled buffer holds 1 embedding"):
+        model.train_pseudo_labeller()
+    assert int(model.pseudo_rounds) == 1

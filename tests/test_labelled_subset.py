@@ -99,3 +99,17 @@ def test_data_module_checks_the_subset_before_training(tmp_path):
     )
     with pytest.raises(DataError, match="subset.txt:2: class 'n05'"):
         SSLDataModule(cfg.data).check()
+
+
+def test_subset_file_names_images_behind_a_linked_folder(tmp_path):
+    root = make_folder(tmp_path / "train")
+    other = make_folder(tmp_path / "more")  # n01/, n02/ outside the data folder
+    (root / "n01" / "linked").symlink_to(other / "n01", target_is_directory=True)
+    lst = tmp_path / "subset.txt"
+    lst.write_text("n01/linked/n01_2.png\n")
+    ds = image_folder(str(root))
+    assert len(ds) == 12
+    mask = labelled_mask(ds, str(lst), root=str(root))
+    assert [ds.samples[i][0] for i in mask.nonzero().flatten()] == [
+        str(root / "n01" / "linked" / "n01_2.png")
+    ]

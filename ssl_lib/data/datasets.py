@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,7 +13,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import CIFAR10, CIFAR100
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import (
+    IMG_EXTENSIONS,
+    find_classes,
+    has_file_allowed_extension,
+)
 
 from ssl_lib.data.sampling import VIEW_STREAM, mix_seed, seeded_rng
 from ssl_lib.data.synthetic import SyntheticPatterns
@@ -121,8 +126,75 @@ class ImageList(Dataset):
         raise DataError("no readable image in the dataset")
 
 
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMG_EXTENSIONS
+def _classes(base: Path) -> list[str]:
+    """The class folders of ``base``, as torchvision's ``find_classes`` lists them.
+
+    Every entry that is a folder or a link to one is a class, hidden ones included; sorted.
+    """
+    try:
+        classes, _ = find_classes(base)
+    except FileNotFoundError:
+        return []
+    return classes
+
+
+def _walk_images(top: str) -> list[str]:
+    """The image files under the folder ``top``, in the order torchvision's ``ImageFolder``
+    lists them: folders sorted by path, the files of each sorted by name.
+
+    This is ``sorted(os.walk(top, followlinks=True))`` keeping the files whose name ends with
+    an image extension (any case), as torchvision's ``make_dataset`` does, with two
+    differences. A link to a folder that is already on the path from ``top`` (a link loop) is
+    not followed and a warning names it: the folder's files are listed once, through the path
+    without the loop (``os.walk`` would follow the loop until the path is too long, listing the
+    files again at every turn). And a folder that cannot be read raises :class:`DataError`
+    (``os.walk`` skips it silently). On a tree without link loops the list is exactly
+    ``ImageFolder``'s, links to folders reached twice included.
+    """
+    listed: list[tuple[str, list[str]]] = []
+    stack = [(top, frozenset({_folder_id(top)}))]
+    while stack:
+        folder, ancestors = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as err:
+            raise DataError(
+                f"cannot read folder '{folder}': {err.strerror or err}; its images would be "
+                "missing. Fix its permissions or remove it."
+            ) from None
+        files = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows links, as os.walk does
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                files.append(entry.name)
+                continue
+            path = os.path.join(folder, entry.name)
+            key = _folder_id(path)
+            if key in ancestors:
+                warnings.warn(
+                    f"not following the link '{path}': it leads back to "
+                    f"'{os.path.realpath(path)}', a folder it is in (a link loop); the images "
+                    "there are read once",
+                    stacklevel=3,
+                )
+                continue
+            stack.append((path, ancestors | {key}))
+        listed.append((folder, files))
+    return [
+        os.path.join(folder, name)
+        for folder, files in sorted(listed)
+        for name in sorted(files)
+        if has_file_allowed_extension(name, IMG_EXTENSIONS)
+    ]
+
+
+def _folder_id(path: str) -> tuple[int, int]:
+    """Device and inode of the folder ``path`` leads to (following links)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def image_folder(
@@ -132,27 +204,37 @@ def image_folder(
 ) -> ImageList:
     """An ImageNet-layout folder ``root/<class>/<image>``; checks it before training starts.
 
-    Every sub-folder of ``root`` is a class; a class holds the files under it (at any depth)
-    whose extension is an image extension (``IMG_EXTENSIONS``, any case). Other files, such as
-    ``README.txt`` or ``.DS_Store``, and files directly in ``root`` are ignored.
+    The same images, labels and order as ``torchvision.datasets.ImageFolder(root)``: every
+    folder (or link to a folder) in ``root`` is a class, hidden ones included; a class holds
+    the files under it at any depth, links to files and folders followed, whose name ends with
+    an image extension (``IMG_EXTENSIONS``, any case; hidden files included). Other files, such
+    as ``README.txt`` or ``.DS_Store``, and files directly in ``root`` are ignored. A link loop
+    is not followed a second time (a warning names the link; see :func:`_walk_images`).
+
+    torchvision's ``make_dataset`` is not called itself: it follows link loops until the path
+    is too long, skips unreadable folders silently and reports empty classes all at once
+    without naming the folder; ``find_classes`` is.
+
+    Raises :class:`DataError` (one line) for a missing ``root``, a ``root`` without class
+    folders, a class folder without images or a folder that cannot be read.
     """
     base = Path(root)
     if not base.is_dir():
         raise DataError(f"data folder '{root}' does not exist (data.root)")
-    classes = sorted(p.name for p in base.iterdir() if p.is_dir())
+    classes = _classes(base)
     if not classes:
         raise DataError(
             f"data folder '{root}' has no class sub-folders; expected {root}/<class>/<image>.jpg"
         )
     samples: list[tuple[str, int]] = []
     for label, cls in enumerate(classes):
-        files = sorted(p for p in (base / cls).rglob("*") if p.is_file() and _is_image(p))
+        files = _walk_images(os.path.join(base, cls))
         if not files:
             raise DataError(
                 f"class folder '{base / cls}' holds no image files "
                 f"(accepted extensions: {', '.join(IMG_EXTENSIONS)})"
             )
-        samples += [(str(p), label) for p in files]
+        samples += [(path, label) for path in files]
     return ImageList(samples, classes, skip_corrupt, max_image_pixels)
 
 
@@ -172,7 +254,7 @@ def file_list(
         raise DataError(f"data folder '{root}' does not exist (data.root)")
     if not lst.is_file():
         raise DataError(f"file list '{list_file}' does not exist (data.file_list)")
-    classes = sorted(p.name for p in base.iterdir() if p.is_dir())
+    classes = _classes(base)
     index = {c: i for i, c in enumerate(classes)}
     samples: list[tuple[str, int]] = []
     for lineno, line in enumerate(lst.read_text().splitlines(), 1):

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from ssl_lib.data.datasets import (
@@ -15,15 +16,37 @@ from ssl_lib.data.datasets import (
     labelled_mask,
     subsample,
 )
-from ssl_lib.data.sampling import SETTINGS, EpochSampler, ResumableDataLoader, restore_position
+from ssl_lib.data.sampling import (
+    MIN_BATCH,
+    SETTINGS,
+    EpochSampler,
+    ResumableDataLoader,
+    restore_position,
+)
 from ssl_lib.data.transforms import MultiView
+
+
+def local_batch_size(batch_size: int, world_size: int) -> int:
+    """The per-process share of the global ``data.batch_size`` over ``world_size`` processes.
+
+    Raises :class:`DataError` when it does not split evenly.
+    """
+    if batch_size % world_size:
+        raise DataError(
+            f"data.batch_size={batch_size} (global) does not divide evenly over "
+            f"{world_size} processes; use a multiple of {world_size}"
+        )
+    return batch_size // world_size
 
 
 class SSLDataModule(pl.LightningDataModule):
     """Training data for a ``data`` config section: ``(views, label, index)`` batches.
 
     ``data.batch_size`` is the global batch; each of the ``world_size`` processes loads
-    ``batch_size / world_size`` samples per step.
+    ``batch_size / world_size`` samples per step. A last batch of an epoch that would give each
+    process one sample is dropped (a warning says so once), as ``data.drop_last`` drops any
+    incomplete one; :attr:`dropped_samples` counts the samples of an epoch left out, and the
+    methods log it as ``train/dropped_samples``.
     """
 
     def __init__(self, data_cfg, seed: int = 0) -> None:
@@ -34,6 +57,8 @@ class SSLDataModule(pl.LightningDataModule):
         self._labelled: torch.Tensor | None = None
         self._loader: ResumableDataLoader | None = None
         self._restored: dict[str, Any] | None = None  # a checkpoint's data position
+        #: samples of each epoch that no process trains on (set by :meth:`train_dataloader`)
+        self.dropped_samples: int | None = None
 
     def build_train_set(self) -> IndexedDataset:
         """The indexed, multi-view training set (built once)."""
@@ -62,15 +87,26 @@ class SSLDataModule(pl.LightningDataModule):
 
     def local_batch_size(self, world_size: int) -> int:
         """Per-process batch size; the global batch must split evenly."""
-        if self.cfg.batch_size % world_size:
-            raise DataError(
-                f"data.batch_size={self.cfg.batch_size} (global) does not divide evenly over "
-                f"{world_size} processes; use a multiple of {world_size}"
-            )
-        return self.cfg.batch_size // world_size
+        return local_batch_size(self.cfg.batch_size, world_size)
+
+    def sampler(self, world_size: int = 1, rank: int = 0) -> EpochSampler:
+        """The :class:`EpochSampler` of process ``rank``: its share of every epoch."""
+        return EpochSampler(
+            len(self.build_train_set()),
+            self.local_batch_size(world_size),
+            self.seed,
+            rank,
+            world_size,
+            drop_last=self.cfg.drop_last,
+            min_last_batch=MIN_BATCH,
+        )
 
     def check(self, world_size: int = 1) -> None:
-        """Build the training set and check the batch fits it (before any run folder exists)."""
+        """Build the training set and check the batch fits it (before any run folder exists).
+
+        Raises :class:`DataError` when the global batch does not split evenly over
+        ``world_size`` processes, or when an epoch would hold no batch to train on.
+        """
         ds = self.build_train_set()
         batch = self.local_batch_size(world_size)
         if self.cfg.drop_last and batch > len(ds) // world_size:
@@ -78,6 +114,12 @@ class SSLDataModule(pl.LightningDataModule):
                 f"data.batch_size={self.cfg.batch_size} is larger than the dataset "
                 f"({len(ds)} samples): no full batch could be formed. Lower data.batch_size, "
                 "or set data.drop_last=false."
+            )
+        if len(self.sampler(world_size)) == 0:  # under 2 samples per process, batches of more
+            raise DataError(
+                f"the dataset ({len(ds)} samples) gives each of {world_size} process(es) fewer "
+                f"than {MIN_BATCH} samples per epoch, and a batch of one sample cannot train "
+                f"BatchNorm: use at least {MIN_BATCH * world_size} samples"
             )
         self.labelled_mask()
 
@@ -93,8 +135,26 @@ class SSLDataModule(pl.LightningDataModule):
         self.check(world)
         ds = self.build_train_set()
         batch = self.local_batch_size(world)
+        method = trainer.lightning_module if trainer is not None else None
+        if hasattr(method, "check_batch"):  # the world size is certain only now
+            method.check_batch(batch, world)
         rank = trainer.global_rank if trainer is not None else 0
-        sampler = EpochSampler(len(ds), batch, self.seed, rank, world)
+        sampler = self.sampler(world, rank)
+        self.dropped_samples = sampler.dropped
+        left_out = []
+        if len(ds) % world and not self.cfg.drop_last:
+            left_out.append(f"{len(ds) % world} so that the {world} processes get equal shares")
+        if sampler.short_batch_dropped:
+            left_out.append(
+                f"{world} that would make a last batch of one sample per process, which "
+                "BatchNorm cannot train on"
+            )
+        if left_out:
+            rank_zero_warn(
+                f"each epoch trains on {len(ds) - sampler.dropped} of {len(ds)} samples "
+                f"(data.batch_size={self.cfg.batch_size} over {world} process(es)): it leaves "
+                f"out {' and '.join(left_out)}; counted as train/dropped_samples"
+            )
         if self._restored is not None:
             restore_position(sampler, self._restored)
             self._restored = None
@@ -104,8 +164,7 @@ class SSLDataModule(pl.LightningDataModule):
             ds,
             sampler,
             position=self.position,
-            batch_size=batch,
-            drop_last=self.cfg.drop_last,
+            batch_size=batch,  # the sampler drops what data.drop_last drops
             num_workers=self.cfg.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.cfg.num_workers > 0,

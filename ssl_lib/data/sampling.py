@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 _MASK64 = (1 << 64) - 1
+MIN_BATCH = 2  # the fewest samples per process that BatchNorm can train on
 ORDER_STREAM = 1  # stream tags keep the seeds of different uses apart
 VIEW_STREAM = 2
 
@@ -72,6 +73,13 @@ class EpochSampler(Sampler[tuple[int, int]]):
     it is cut to a multiple of ``world_size`` (dropping at most ``world_size - 1`` samples) and
     process ``rank`` takes every ``world_size``-th item from ``rank`` on. :meth:`resume_at`
     makes the next pass over epoch ``e`` start after ``batches`` batches of ``batch_size``.
+
+    The share's last, incomplete batch of ``batch_size`` is dropped too when ``drop_last`` is
+    set, or when it would hold fewer than ``min_last_batch`` samples (``2``: no batch of one
+    sample, which BatchNorm cannot train on). The shares of all processes have the same length,
+    so every process runs the same number of steps with batches of the same size; which
+    samples are dropped changes with the epoch's permutation. :attr:`dropped` counts the
+    samples of an epoch that no process yields.
     """
 
     def __init__(
@@ -82,6 +90,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
         rank: int = 0,
         world_size: int = 1,
         shuffle: bool = True,
+        drop_last: bool = False,
+        min_last_batch: int = 1,
     ) -> None:
         if num_samples < 1 or batch_size < 1:
             raise ValueError(f"need samples and a batch size, got {num_samples}, {batch_size}")
@@ -93,8 +103,20 @@ class EpochSampler(Sampler[tuple[int, int]]):
         self.rank = rank
         self.world_size = world_size
         self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.min_last_batch = min_last_batch
         self.epoch = 0
         self._resume: tuple[int, int] | None = None
+        share = num_samples // world_size
+        rest = share % batch_size
+        #: whether the share's last batch is dropped for being shorter than ``min_last_batch``
+        self.short_batch_dropped = 0 < rest < min_last_batch and not drop_last
+        self._length = share - rest if rest and (drop_last or rest < min_last_batch) else share
+
+    @property
+    def dropped(self) -> int:
+        """Samples of an epoch that no process yields (the same number every epoch)."""
+        return self.num_samples - self.world_size * self._length
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch of the next pass (Lightning calls this at the start of every epoch)."""
@@ -112,7 +134,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         else:
             perm = torch.arange(self.num_samples)
         usable = self.num_samples - self.num_samples % self.world_size
-        return perm[self.rank : usable : self.world_size].tolist()
+        return perm[self.rank : usable : self.world_size][: self._length].tolist()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
@@ -123,7 +145,24 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return iter([(epoch, i) for i in self.order(epoch)[start:]])
 
     def __len__(self) -> int:
-        return self.num_samples // self.world_size
+        return self._length
+
+
+def batch_bounds(num_samples: int, batch_size: int, min_batch: int = MIN_BATCH) -> list[range]:
+    """Consecutive batches ``range(start, stop)`` covering ``0 .. num_samples - 1``.
+
+    Batches hold ``batch_size`` samples; a last one of fewer than ``min_batch`` samples joins
+    the batch before it (which then holds up to ``batch_size + min_batch - 1``), so no sample
+    is left out and no batch is too short for BatchNorm, unless ``num_samples`` itself is
+    below ``min_batch`` (one short batch then) or ``batch_size`` is. Raises ``ValueError``
+    for ``batch_size < 1``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    starts = list(range(0, num_samples, batch_size))
+    if len(starts) > 1 and num_samples - starts[-1] < min_batch:
+        starts.pop()
+    return [range(a, b) for a, b in zip(starts, [*starts[1:], num_samples], strict=False)]
 
 
 SETTINGS = ("seed", "batch_size", "num_samples", "world_size")

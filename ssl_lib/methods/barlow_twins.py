@@ -150,6 +150,19 @@ class BarlowTwins(SSLMethod):
                 "BatchNorm statistics)"
             )
 
+    def check_batch(self, per_process: int, world: int) -> None:
+        """The loss standardises over the global batch: it needs two samples in all. With
+        ``sync_bn`` over several processes, BatchNorm statistics are global too."""
+        if per_process * world < 2:
+            raise ConfigError(
+                f"data.batch_size={self.cfg.data.batch_size}: Barlow Twins standardises the "
+                "embeddings over the global batch, which needs at least 2 samples; set "
+                f"data.batch_size to a multiple of {world} of at least 2"
+            )
+        if self.cfg.method.sync_bn and world > 1:
+            return  # SyncBatchNorm: statistics over the global batch
+        super().check_batch(per_process, world)
+
     def compute_loss(self, views: list[Tensor], labels: Tensor, index: Tensor):
         loss = self.criterion(self.project(views[0]), self.project(views[1]))
         return loss, {}

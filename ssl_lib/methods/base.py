@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from ssl_lib.config import MethodConfig, config_from_dict
+from ssl_lib.config import ConfigError, MethodConfig, config_from_dict
 from ssl_lib.distributed import shuffle_batch, unshuffle_batch, world_size
 from ssl_lib.memory import MemoryBank
 from ssl_lib.models import MLPConfig, build_backbone, build_mlp
@@ -82,6 +82,75 @@ class SSLMethod(pl.LightningModule):
         values land in the run's ``config.yaml`` and checkpoint (e.g. the dataset size that
         sizes CMSF's per-image caches). Raises ``ConfigError`` when data and config disagree.
         """
+
+    # ----------------------------------------------------------------- batch size
+    def batch_trained_modules(self) -> list[nn.Module]:
+        """The modules that run in training mode on each training batch (target included)."""
+        modules = list(self.trainable_modules())
+        if self.uses_target:
+            modules.append(self.target)
+        return modules
+
+    @torch.no_grad()
+    def one_sample_batchnorms(self) -> list[str]:
+        """Names of the BatchNorm layers that a per-process batch of one image cannot train.
+
+        A BatchNorm in training mode needs more than one value per channel: every
+        ``BatchNorm1d`` on feature vectors (projector, predictor and other heads) fails with
+        one sample, and a ``BatchNorm2d`` of the backbone fails when its feature map is 1 x 1
+        at ``data.image_size`` (found with one forward pass of the backbone on a 1-image
+        batch, in eval mode, which changes no statistics).
+        """
+        names = {id(m): name for name, m in self.named_modules()}
+        norms = [
+            m
+            for module in self.batch_trained_modules()
+            for m in module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+        single: dict[int, bool] = {}
+
+        def record(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            single[id(module)] = x.numel() // max(x.shape[1], 1) <= 1
+
+        hooks = [m.register_forward_pre_hook(record) for m in norms]
+        modes = [(m, m.training) for m in self.backbone.modules()]
+        try:
+            size = self.cfg.data.image_size
+            param = next(self.backbone.parameters(), None)
+            device = param.device if param is not None else torch.device("cpu")
+            self.backbone.eval()(torch.zeros(1, 3, size, size, device=device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for module, training in modes:
+                module.training = training
+        found = []
+        for m in norms:
+            # not reached by the backbone pass: a head's BatchNorm on (batch, features) rows
+            rows = isinstance(m, (nn.BatchNorm1d, nn.SyncBatchNorm))
+            name = names.get(id(m), type(m).__name__)
+            if single.get(id(m), rows) and name not in found:
+                found.append(name)
+        return found
+
+    def check_batch(self, per_process: int, world: int) -> None:
+        """Raise ``ConfigError`` if per-process batches of ``per_process`` samples (``world``
+        processes) cannot train this method: one sample with BatchNorm in training."""
+        if per_process >= 2:
+            return
+        layers = self.one_sample_batchnorms()
+        if layers:
+            shown = ", ".join(layers[:3]) + (
+                f" and {len(layers) - 3} more" if len(layers) > 3 else ""
+            )
+            raise ConfigError(
+                f"data.batch_size={self.cfg.data.batch_size} gives each of {world} process(es) "
+                f"batches of {per_process} sample, but the BatchNorm layers {shown} need at "
+                f"least 2 samples per process in training: set data.batch_size to a multiple "
+                f"of {world} of at least {2 * world}"
+            )
 
     # ----------------------------------------------------------------- networks
     def build_projector(self, proj_cfg: MLPConfig | None) -> nn.Module:
@@ -228,6 +297,9 @@ class SSLMethod(pl.LightningModule):
         for key, value in extra.items():
             self.log(f"train/{key}", value, batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        dropped = getattr(getattr(self._trainer, "datamodule", None), "dropped_samples", None)
+        if dropped is not None:  # samples of each epoch no process trains on
+            self.log("train/dropped_samples", float(dropped))
         return loss
 
     # ------------------------------------------------------- non-finite losses

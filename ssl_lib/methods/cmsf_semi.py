@@ -28,9 +28,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ssl_lib.config import ConfigError
+from ssl_lib.data.sampling import batch_bounds
 from ssl_lib.distributed import is_dist
 from ssl_lib.memory import MemoryBank, SameLabel
 from ssl_lib.methods.cmsf import CMSFBase, CMSFConfig, set_num_samples
@@ -67,7 +69,12 @@ def train_classifier(
     weight_decay: float,
     seed: int,
 ) -> float:
-    """Train ``head`` in place with cross-entropy and a fresh SGD; returns the last epoch's loss."""
+    """Train ``head`` in place with cross-entropy and a fresh SGD; returns the last epoch's loss.
+
+    ``features`` (N, D) float, ``labels`` (N,) int64; each epoch is a seeded permutation cut
+    into batches of ``batch_size`` rows, a last row alone joining the batch before it (the
+    head's BatchNorm cannot train on one row). Needs N >= 2.
+    """
     head.train()
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
@@ -76,10 +83,8 @@ def train_classifier(
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen).to(features.device)
         total, count = 0.0, 0
-        for start in range(0, n, batch_size):
-            batch = order[start : start + batch_size]
-            if batch.numel() < 2:  # BatchNorm needs two samples
-                continue
+        for rows in batch_bounds(n, batch_size):  # no batch of one row: BatchNorm needs two
+            batch = order[rows.start : rows.stop]
             loss = F.cross_entropy(head(features[batch]), labels[batch])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -124,6 +129,13 @@ class CMSFSemiSupervised(CMSFBase):
                 raise ValueError(
                     f"method.{key} must be set for cmsf_semi (null is filled in by "
                     f"`ssl-lib train` from the data), got {getattr(m, key)}"
+                )
+        for key in ("pseudo_batch_size", "sup_cache_size"):
+            if getattr(m, key) < 2:
+                raise ValueError(
+                    f"method.{key}={getattr(m, key)}: the pseudo-labeller has BatchNorm, which "
+                    "needs at least 2 labelled embeddings per batch in training; set it to 2 "
+                    "or more"
                 )
         if not 0 < m.confidence <= 1:
             raise ValueError(f"method.confidence must lie in (0, 1], got {m.confidence}")
@@ -215,6 +227,12 @@ class CMSFSemiSupervised(CMSFBase):
                 )
             self.pseudo_head.load_state_dict(head.state_dict())
             self.log("train/pseudo_labeller_loss", loss)
+        else:
+            rank_zero_warn(
+                f"pseudo-labeller round skipped: the labelled buffer holds {labels.numel()} "
+                "embedding(s) so far, and its BatchNorm needs 2; the pseudo-labels stay as they "
+                "were"
+            )
         if is_dist():
             for t in self.pseudo_head.state_dict().values():
                 torch.distributed.broadcast(t, src=0)
