@@ -84,6 +84,12 @@ def test_train_on_real_images_then_resume(tmp_path, cifar10_root, capsys):
         ),
         (["demo/byol", "data.batch_size=4096"], "larger than the dataset"),
         (["--resume", "/no/such/run"], "no such run folder"),
+        (["demo/byol", "trainer.max_epochs=0"], "trainer.max_epochs must be >= 1"),
+        (["demo/byol", "trainer.max_steps=0"], "trainer.max_steps must be -1 (no limit) or >= 1"),
+        (
+            ["demo/byol", "trainer.collective_timeout_s=0"],
+            "trainer.collective_timeout_s must be > 0",
+        ),
     ],
 )
 def test_bad_input_gives_one_line_error(tmp_path, args, expected):
@@ -122,3 +128,42 @@ def test_every_process_of_a_run_uses_rank_0s_folder(tmp_path, monkeypatch):
         "run_1",
         "run_2",
     ]
+
+
+def test_max_steps_stops_exactly_and_resume_continues_the_epoch(tmp_path, capsys):
+    """9 steps per epoch: a stop at step 5 resumes at batch 5 of epoch 0 and ends at step 18
+    equal to the run that never stopped; a stop at step 10 stops at step 10."""
+    common = [
+        "model.backbone=tiny_cnn",
+        "model.projector.hidden_dim=32",
+        "model.projector.out_dim=16",
+        "model.predictor.hidden_dim=32",
+        "model.predictor.out_dim=16",
+        "data.synthetic.num_samples=144",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "trainer.max_epochs=2",
+        "trainer.checkpoint_every_n_epochs=1",
+        "trainer.progress_bar=false",
+        f"run.output_dir={tmp_path}",
+    ]
+    assert run_main("train", "demo/byol", *common, "run.name=full") == 0
+    assert run_main("train", "demo/byol", *common, "run.name=part", "trainer.max_steps=5") == 0
+    part = tmp_path / "part"
+    assert [p.name for p in (part / "checkpoints").iterdir()] == ["last.ckpt"]
+    assert run_main("train", "--resume", str(part)) == 2  # max_steps=5 is already reached
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ssl-lib: error: checkpoint") and "trainer.max_steps=5" in err[-1]
+    assert run_main("train", "--resume", str(part), "trainer.max_steps=10") == 0
+    assert torch.load(part / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 10
+    assert "stopped at trainer.max_steps=10 (global step 10, epoch 1)" in capsys.readouterr().out
+    assert run_main("train", "--resume", str(part), "trainer.max_steps=-1") == 0
+    names = sorted(p.name for p in (part / "checkpoints").iterdir())
+    assert names == ["epoch0000.ckpt", "epoch0001.ckpt", "last.ckpt"]
+    a, b = (
+        torch.load(r / "checkpoints" / "last.ckpt", weights_only=False)
+        for r in (tmp_path / "full", part)
+    )
+    assert a["global_step"] == b["global_step"] == 18
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key

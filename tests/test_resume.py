@@ -279,3 +279,75 @@ def test_epoch_sampler_splits_and_skips():
     assert list(again) == keys[1]  # the skip applies to one pass only
     again.set_epoch(1)
     assert [e for e, _ in again] == [1, 1, 1] and list(again) != keys[1]
+
+
+@pytest.mark.parametrize(
+    ("method", "stop"),
+    [("byol", 2), ("byol", 4), ("byol", 5), ("cmsf_km", 2)],
+    ids=["byol-within-epoch0", "byol-at-epoch-end", "byol-within-epoch1", "cmsf_km-within-epoch0"],
+)
+def test_a_max_steps_stop_resumes_exactly(method, stop, reference, tmp_path):
+    """trainer.max_steps stops after that step with nothing of the epoch end run (no k-means,
+    no epoch checkpoint); resuming with max_steps=-1 ends equal to the run that never stopped."""
+    ref = reference(method)
+    extra = [f"trainer.max_steps={stop}", "trainer.checkpoint_every_n_epochs=1"]
+    cfg = config_from_dict(tiny_config(method), [*overrides(method, tmp_path, "run"), *extra])
+    run_dir = train(cfg)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    state = load(last)
+    assert state["global_step"] == stop
+    position = state["SSLDataModule"]
+    assert (position["epoch"], position["batches_done"]) == (
+        stop // 4 - (stop % 4 == 0),
+        stop % 4 or 4,
+    )
+    assert position["epoch_done"] == (stop % 4 == 0)
+    epochs_done = stop // 4
+    expected = [f"epoch{e:04d}.ckpt" for e in range(epochs_done)] + ["last.ckpt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == expected
+    resume_and_compare(ref, run_dir, last)
+
+
+@pytest.mark.parametrize(
+    ("kept", "extra", "outcome"),
+    [
+        ("step3", [], None),
+        ("step3", ["trainer.max_steps=6", "data.num_workers=2"], None),
+        ("step3", ["trainer.max_steps=3"], "which trainer.max_steps=3 already reaches"),
+        ("step3", ["trainer.max_epochs=3"], "schedules now span the new trainer.max_epochs"),
+        ("step3", ["data.batch_size=8"], "data order restarts at the first batch of epoch 0"),
+        ("step3", ["run.seed=1"], "data order restarts"),
+        ("step3", ["optim.lr=0.1"], "optim.lr=0.1 (was 0.05)"),
+        ("step4", [], None),
+        (
+            "step6",
+            ["trainer.max_epochs=1"],
+            "completed 1 epochs, which trainer.max_epochs=1 already reaches",
+        ),
+        ("final", [], "completed 2 epochs, which trainer.max_epochs=2 already reaches"),
+        ("final", ["trainer.max_epochs=3"], "schedules now span"),
+    ],
+)
+def test_resume_says_when_it_cannot_be_exact(kept, extra, outcome, reference, tmp_path):
+    """Stop reasons (a mid-epoch stop: max_steps, SIGTERM or a periodic checkpoint before a
+    kill; an epoch end; max_epochs reached) against overrides of the limits and the data."""
+    from ssl_lib.config import ConfigError, build_config
+    from ssl_lib.train import check_resume
+
+    ref = reference("byol")
+    if kept == "final":
+        ckpt = tmp_path / "final.ckpt"
+        torch.save(ref["final"], ckpt)
+    else:
+        ckpt = ref["kept"] / f"{kept}.ckpt"
+    cfg = build_config([("config", OmegaConf.load(ref["config"]))], extra)
+    saved = load(ckpt)["hyper_parameters"]["config"]
+    if outcome is None:
+        assert check_resume(ckpt, saved, cfg) is None
+    elif "already reaches" in outcome:
+        with pytest.raises(ConfigError, match=outcome.replace("(", r"\(")):
+            check_resume(ckpt, saved, cfg)
+    else:
+        note = check_resume(ckpt, saved, cfg)
+        assert note is not None and outcome in note and "\n" not in note
+        assert "will not be identical" in note

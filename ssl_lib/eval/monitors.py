@@ -101,7 +101,10 @@ class KNNMonitor(pl.Callback):
         for n in ("top1", "top5"):
             value = results[f"majority/k={k}/{n}"]
             if value is not None:  # top-5 is undefined with 5 or fewer classes
-                pl_module.log(f"monitor/knn_{n}", value)
+                # Every process holds the same value (features are gathered); syncing it is
+                # one small all-reduce that every process joins, and keeps Lightning's
+                # epoch-level metrics uniform across processes.
+                pl_module.log(f"monitor/knn_{n}", value, sync_dist=True)
 
 
 class OnlineLinearMonitor(pl.Callback):
