@@ -177,6 +177,7 @@ class SigtermWatchdog:
         self.received = False
         self._read_fd = self._write_fd = -1
         self._previous_fd: int | None = None
+        self._thread: threading.Thread | None = None
         self._done = threading.Event()
 
     def __enter__(self) -> SigtermWatchdog:
@@ -185,7 +186,8 @@ class SigtermWatchdog:
         self._read_fd, self._write_fd = os.pipe()
         os.set_blocking(self._write_fd, False)
         self._previous_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
-        threading.Thread(target=self._watch, name="ssl-lib-sigterm", daemon=True).start()
+        self._thread = threading.Thread(target=self._watch, name="ssl-lib-sigterm", daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -193,7 +195,9 @@ class SigtermWatchdog:
             return
         signal.set_wakeup_fd(self._previous_fd)
         self._done.set()
-        os.write(self._write_fd, b"\0")  # wakes the thread, which then closes the pipe
+        os.write(self._write_fd, b"\0")  # wakes a thread still waiting for a signal
+        self._thread.join()
+        os.close(self._read_fd)
         os.close(self._write_fd)
 
     def _watch(self) -> None:
@@ -212,7 +216,6 @@ class SigtermWatchdog:
                     )
                     self.on_expire()
                     os._exit(SIGTERM_EXIT_CODE)
-        os.close(self._read_fd)
 
 
 class CollectiveTimeoutError(RuntimeError):

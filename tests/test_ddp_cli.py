@@ -101,20 +101,39 @@ def assert_no_process_left(trace: Path) -> None:
             pytest.fail(f"process {pid} ({pid_file.name}) is still running")
 
 
-@pytest.fixture
-def recipe(tmp_path: Path) -> Path:
-    path = tmp_path / "recipe.yaml"
-    path.write_text(
-        yaml.safe_dump({**RECIPE, "run": {**RECIPE["run"], "output_dir": str(tmp_path / "runs")}})
-    )
+def write_recipe(folder: Path) -> Path:
+    path = folder / "recipe.yaml"
+    run = {**RECIPE["run"], "output_dir": str(folder / "runs")}
+    path.write_text(yaml.safe_dump({**RECIPE, "run": run}))
     return path
 
 
-def test_two_processes_finish_resume_exactly_and_call_the_same_collectives(tmp_path, recipe):
-    """The whole run, and a run stopped by max_steps within an epoch then resumed, end equal."""
-    code, out, err = finish(command(tmp_path / "full", "train", str(recipe), "run.name=full"))
+@pytest.fixture
+def recipe(tmp_path: Path) -> Path:
+    return write_recipe(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    """The uninterrupted 2-process run (2 epochs of 6 steps), traced."""
+    folder = tmp_path_factory.mktemp("full")
+    code, out, err = finish(command(folder / "trace", "train", str(write_recipe(folder))))
     assert code == 0, err[-3000:]
-    full = tmp_path / "runs" / "full"
+    return folder
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    x, y = (torch.load(r / "checkpoints" / "last.ckpt", weights_only=False) for r in (a, b))
+    assert x["global_step"] == y["global_step"] == 12
+    for key, value in x["state_dict"].items():
+        assert torch.equal(value, y["state_dict"][key]), key
+
+
+def test_two_processes_finish_resume_exactly_and_call_the_same_collectives(
+    tmp_path, recipe, full_run
+):
+    """The whole run, and a run stopped by max_steps within an epoch then resumed, end equal."""
+    full = full_run / "runs" / "ddp"
     assert sorted(p.name for p in (full / "checkpoints").iterdir()) == [
         "epoch0000.ckpt",
         "epoch0001.ckpt",
@@ -123,8 +142,8 @@ def test_two_processes_finish_resume_exactly_and_call_the_same_collectives(tmp_p
     history = json.loads((full / "metrics.json").read_text())["history"]
     assert [r["epoch"] for r in history] == [0, 1]
     assert all("monitor/knn_top1" in r and "monitor/online_linear_acc" in r for r in history)
-    assert not list((tmp_path / "runs").glob("full_*"))  # one folder for both processes
-    assert_same_collectives(tmp_path / "full")
+    assert not list((full_run / "runs").glob("ddp_*"))  # one folder for both processes
+    assert_same_collectives(full_run / "trace")
 
     args = ["train", str(recipe), "run.name=part", "trainer.max_steps=4"]
     code, out, err = finish(command(tmp_path / "part", *args))
@@ -137,10 +156,35 @@ def test_two_processes_finish_resume_exactly_and_call_the_same_collectives(tmp_p
     code, out, err = finish(command(tmp_path / "resumed", *resume))
     assert code == 0, err[-3000:]
     assert_same_collectives(tmp_path / "resumed")
-    a, b = (torch.load(r / "checkpoints" / "last.ckpt", weights_only=False) for r in (full, part))
-    assert a["global_step"] == b["global_step"] == 12
-    for key, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][key]), key
+    assert_same_weights(full, part)
+
+
+def test_sigterm_stops_both_processes_with_a_checkpoint_that_resumes_exactly(
+    tmp_path, recipe, full_run
+):
+    trace = tmp_path / "trace"
+    proc = command(trace, "train", str(recipe), "run.name=term")
+    rank1 = trace / "rank1.txt"
+    while not rank1.exists() or len(rank1.read_text().splitlines()) < 100:  # in training
+        if proc.poll() is not None:
+            pytest.fail(f"exited early: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    os.kill(int((trace / "pid0").read_text()), signal.SIGTERM)
+    code, out, err = finish(proc, timeout=120)
+    run = tmp_path / "runs" / "term"
+    assert code == 143, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert 0 < step < 12
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(f"ssl-lib: stopped by SIGTERM at global step {step}")
+    )
+    assert_no_process_left(trace)
+    code, out, err = finish(command(tmp_path / "resumed", "train", "--resume", str(run)))
+    assert code == 0, err[-3000:]
+    assert_same_weights(full_run / "runs" / "ddp", run)
 
 
 @pytest.mark.parametrize("how", ["timeout", "sigterm"])
