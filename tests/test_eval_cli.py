@@ -165,6 +165,13 @@ def test_bad_inputs_give_one_line_errors(tmp_path, small_data, capsys):
         capsys, "eval", "knn", str(d["ckpt"]), f"data.train_root={tmp_path / 'nope'}", *roots[1:]
     )
     assert "data.train_root" in err and "does not exist" in err
+    one = image_folder(tmp_path / "one", ["cat"])
+    for protocol in ("knn", "linear"):
+        err = one_line_error(
+            capsys, "eval", protocol, str(d["ckpt"]), f"data.train_root={one}",
+            f"data.val_root={one}", *d["common"],
+        )  # fmt: skip
+        assert "1 class found (cat)" in err and "at least 2 classes" in err
     err = one_line_error(capsys, "eval", "knn", str(d["ckpt"]), "eval/no_such_recipe")
     assert "recipe 'eval/no_such_recipe' not found" in err
     assert not (d["ckpt"].parent.parent / "eval").exists()  # nothing written by failed runs

@@ -118,6 +118,11 @@ def eval_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset]:
                 f"only in val: {', '.join(only_val) or '-'}"
             )
         raise DataError(f"class folders differ between train and val ({detail})")
+    if len(train.classes) < 2:
+        raise DataError(
+            f"data.train_root: {len(train.classes)} class found ({', '.join(train.classes)}); "
+            "kNN and linear accuracies need at least 2 classes (one sub-folder per class)"
+        )
     d = cfg.data
     return subsample(train, d.max_train_samples, d.seed), subsample(val, d.max_val_samples, d.seed)
 
