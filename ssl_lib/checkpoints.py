@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ssl_lib.files import atomic_write
 
 TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "global_step", "epoch")
 
@@ -16,39 +17,10 @@ class CheckpointError(ValueError):
     """The file is not a usable ssl_lib checkpoint; the message says why."""
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync it, then rename it over ``path``.
-
-    A crash or an error at any point leaves the previous file at ``path`` untouched (and no
-    temporary file behind, except after a hard kill, where a hidden ``.NAME.*.tmp`` may remain).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """``torch.save`` through :func:`ssl_lib.files.atomic_write`: a crash or an error at any
+    point leaves the previous file at ``path`` untouched."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def read_checkpoint(

@@ -42,17 +42,11 @@ from ssl_lib.config import ConfigError, build_config
 from ssl_lib.data import SSLDataModule
 from ssl_lib.distributed import is_dist
 from ssl_lib.eval.monitors import build_monitors
+from ssl_lib.files import atomic_write_text, run_folder_of, unused_path
 from ssl_lib.methods import build_method, prepare_config
 from ssl_lib.methods.base import NonFiniteLossError
 
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a run ended by SIGTERM
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class MetricsJSON(pl.Callback):
@@ -241,12 +235,7 @@ def _is_collective_timeout(err: BaseException) -> bool:
 
 def new_run_dir(cfg: DictConfig) -> Path:
     """``output_dir/name``, or ``name_1``, ``name_2``... so an earlier run is never overwritten."""
-    base = Path(cfg.run.output_dir) / cfg.run.name
-    path, n = base, 0
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}_{n}")
-    return path
+    return unused_path(Path(cfg.run.output_dir) / cfg.run.name, keep_suffix=False)
 
 
 RUN_DIR_ENV = "SSL_LIB_RUN_DIR"
@@ -306,7 +295,7 @@ def find_resume(target: str) -> tuple[Path, Path]:
             raise ConfigError(f"run folder '{path}' has no checkpoints/last.ckpt to resume from")
         return path, ckpt
     if path.is_file():
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        run_dir = run_folder_of(path)
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"no config.yaml in '{run_dir}' (the run folder of '{path}')")
         return run_dir, path
@@ -554,6 +543,7 @@ def resume(target: str, overrides: list[str] = ()) -> Path:
     run_dir, ckpt = find_resume(target)
     source = str(run_dir / "config.yaml")
     cfg = build_config([(source, OmegaConf.load(source))], overrides)
+    check_resumable(ckpt, cfg.method.name)
     saved = read_checkpoint(ckpt, mmap=True)["hyper_parameters"]["config"]
     note = check_resume(ckpt, saved, cfg)
     if note is not None and _launcher_rank() == 0:

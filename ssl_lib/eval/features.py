@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -14,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
+
+from ssl_lib.files import atomic_write
 
 # Rows sent per all_gather call, which bounds the communication buffers on each device.
 _GATHER_ROWS = 65536
@@ -180,17 +181,8 @@ class FeatureCache:
         return data["feats"], data["labels"], data["indices"]
 
     def save(self, key: str, feats: Tensor, labels: Tensor, indices: Tensor) -> Path:
-        """Write atomically: a temporary file in the cache directory, then ``os.replace``."""
+        """Write atomically (:func:`ssl_lib.files.atomic_write`)."""
         path = self.path(key)
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save({"feats": feats, "labels": labels, "indices": indices}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        data = {"feats": feats, "labels": labels, "indices": indices}
+        atomic_write(path, lambda f: torch.save(data, f))
         return path

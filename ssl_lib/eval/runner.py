@@ -23,24 +23,10 @@ from ssl_lib.eval import features as feature_io
 from ssl_lib.eval.features import FeatureCache
 from ssl_lib.eval.knn import knn_evaluate
 from ssl_lib.eval.linear import linear_augmented, linear_cached
+from ssl_lib.files import atomic_write_text, run_folder_of, unused_path
 from ssl_lib.methods import SSLMethod, load_method
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-
-
-def run_folder(checkpoint: Path) -> Path:
-    """The run folder of ``run/checkpoints/x.ckpt``; else the checkpoint's own folder."""
-    parent = checkpoint.resolve().parent
-    return parent.parent if parent.name == "checkpoints" else parent
-
-
-def unused_path(path: Path) -> Path:
-    """``path``, or ``stem_1``, ``stem_2``... beside it: results are never overwritten."""
-    candidate, n = path, 0
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
-    return candidate
 
 
 def load_checkpoint_model(checkpoint: Path) -> SSLMethod:
@@ -155,7 +141,7 @@ class Evaluation:
         self.train_set, self.val_set = eval_datasets(cfg)
         self.num_classes = len(self.train_set.classes)
         self.device = resolve_device(cfg.features.device)
-        cache_dir = cfg.features.cache_dir or run_folder(self.checkpoint) / "eval" / "features"
+        cache_dir = cfg.features.cache_dir or run_folder_of(self.checkpoint) / "eval" / "features"
         self.cache = FeatureCache(cache_dir)
 
     def _dataset_id(self, train: bool) -> str:
@@ -211,10 +197,9 @@ class Evaluation:
             "results": results,
             "settings": OmegaConf.to_container(self.cfg, resolve=True),
         }
-        default = run_folder(self.checkpoint) / "eval" / f"{command}_{self.checkpoint.stem}.json"
+        default = run_folder_of(self.checkpoint) / "eval" / f"{command}_{self.checkpoint.stem}.json"
         path = unused_path(Path(self.cfg.output) if self.cfg.output else default)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2))
+        atomic_write_text(path, json.dumps(record, indent=2))
         return record, path
 
 
