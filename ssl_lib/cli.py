@@ -33,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "args", nargs="*", help=f"optional eval recipe (default {recipe}), then overrides"
         )
+    ex = sub.add_parser("export", help="write a checkpoint's backbone for torchvision / timm")
+    ex.add_argument("checkpoint", help="a checkpoint written by ssl-lib train")
+    ex.add_argument("out", help="the weights file to write")
+    ex.add_argument("--format", help="torchvision, timm or state_dict (default: the twin)")
+    ex.add_argument("--part", default="backbone", help="backbone (default) or target (EMA)")
+    ex.add_argument("--force", action="store_true", help="replace an existing OUT")
     sub.add_parser("methods", help="list the registered methods")
     sub.add_parser("recipes", help="list the shipped recipes")
     sub.add_parser("backbones", help="list the built-in backbones")
@@ -74,6 +80,11 @@ def run(argv: Sequence[str]) -> int:
             return 1
     elif args.command == "eval":
         evaluate(args.protocol, args.checkpoint, args.args)
+    elif args.command == "export":
+        from ssl_lib.export import export_weights
+
+        exported = export_weights(args.checkpoint, args.out, args.format, args.part, args.force)
+        print(exported.summary())
     return 0
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ssl_lib.registry import Registry
 
 BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone")
+RESNET_ARCHS = ("resnet18", "resnet34", "resnet50")  # torchvision builders of the ResNets
 
 
 class StagedBackbone(nn.Module):
@@ -68,7 +69,7 @@ def _out_channels(stage: nn.Module) -> int:
     return convs[-1].out_channels
 
 
-for _arch in ("resnet18", "resnet34", "resnet50"):
+for _arch in RESNET_ARCHS:
     BACKBONES.register(_arch)(lambda a=_arch: _resnet(a, cifar_stem=False))
     BACKBONES.register(f"{_arch}_cifar")(lambda a=_arch: _resnet(a, cifar_stem=True))
 
