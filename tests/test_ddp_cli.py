@@ -19,41 +19,29 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_config
 
 WORKER = Path(__file__).resolve().parent / "ddp_cli_worker.py"
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = {
-    "run": {"name": "ddp", "seed": 0},
-    "method": {"name": "msf", "k": 3, "bank_size": 64},
-    "model": {
-        "backbone": "tiny_cnn",
-        "projector": {"hidden_dim": 32, "out_dim": 16},
-        "predictor": {"hidden_dim": 32, "out_dim": 16},
-    },
-    "data": {
-        "dataset": "synthetic",
-        "image_size": 32,
-        "batch_size": 16,
-        "num_workers": 0,
-        "synthetic": {"num_samples": 96},  # 6 steps per epoch
-    },
-    "optim": {"lr": 0.05},
-    "trainer": {
+RECIPE = tiny_config(
+    "msf",
+    run={"name": "ddp"},
+    method={"name": "msf", "k": 3, "bank_size": 64},
+    data={"synthetic": {"num_samples": 96}},  # 16 per step over 2 processes: 6 steps
+    trainer={
         "max_epochs": 2,
-        "accelerator": "cpu",
         "devices": 2,
         "strategy": "ddp",
-        "progress_bar": False,
         "checkpoint_every_n_epochs": 1,
         "log_every_n_steps": 1,
     },
-    "monitor": {
+    monitor={
         "knn_every_n_epochs": 1,
         "knn_train_samples": 64,
         "knn_val_samples": 32,
         "online_linear": True,
     },
-}
+)
 
 
 def command(trace: Path, *args: str, env: dict | None = None, **popen) -> subprocess.Popen:
