@@ -1,6 +1,6 @@
 """CIFAR-10 quality benchmark: pretrain every CIFAR-10 recipe, then kNN and linear probe.
 
-For each recipe in ``recipes/cifar10/`` (or those named by ``--methods``) this pretrains the
+For each shipped ``cifar10/`` recipe (or those named by ``--methods``) this pretrains the
 ResNet-18 CIFAR-stem model for ``--epochs`` epochs and evaluates ``checkpoints/last.ckpt`` with
 the library's own evaluation code, the same protocol for every method:
 
@@ -44,7 +44,7 @@ ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
 def discover_methods() -> list[str]:
-    """The recipe names in ``recipes/cifar10/``, sorted."""
+    """The names of the shipped ``cifar10/`` recipes, sorted."""
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml") if not p.name.startswith("_"))
 
 
@@ -101,6 +101,7 @@ def eval_overrides(args: argparse.Namespace, root: Path) -> list[str]:
     """Key=value overrides shared by the three evaluations."""
     return set_options(
         {
+            "data.dataset": "image_folder",
             "data.train_root": root / "train",
             "data.val_root": root / "test",
             "features.device": args.device,
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     methods = args.methods or discover_methods()
     unknown = sorted(set(methods) - set(discover_methods()))
     if unknown:
-        raise SystemExit(f"no recipes/cifar10/ recipe named {unknown}")
+        raise SystemExit(f"no shipped cifar10/ recipe named {unknown}")
     records = []
     with tempfile.TemporaryDirectory(prefix="cifar10_") as tmp:
         root = data_root(args.data, Path(tmp))

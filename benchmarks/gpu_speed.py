@@ -2,7 +2,7 @@
 
 Three parts, all on ``--device``:
 
-1. training throughput (images/s) of each CIFAR-10 recipe (``recipes/cifar10/``): a Lightning
+1. training throughput (images/s) of each shipped CIFAR-10 recipe (``cifar10/...``): a Lightning
    fit of ``--warmup + --steps`` steps on random 32 px views (no data loading or augmentation
    cost), timed over the last ``--steps`` steps with ``torch.cuda.synchronize`` on CUDA, and
    the peak GPU memory (``torch.cuda.max_memory_allocated``);
@@ -37,10 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.memory_bank import run_case  # noqa: E402
-from ssl_lib.config import load_config  # noqa: E402
+from ssl_lib.config import list_recipes, load_config  # noqa: E402
 from ssl_lib.methods import build_method  # noqa: E402
-
-RECIPE_DIR = ROOT / "recipes" / "cifar10"
 
 
 class RandomViews(Dataset):
@@ -95,7 +93,7 @@ class StepTimer(pl.Callback):
 def method_throughput(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     """Images/s (counted once per image, not per view) and peak memory of one recipe."""
     cfg = load_config(
-        RECIPE_DIR / f"{name}.yaml",
+        f"cifar10/{name}",
         [
             f"data.batch_size={args.batch_size}",
             "monitor.knn_every_n_epochs=0",
@@ -158,7 +156,7 @@ def knn_eval(args: argparse.Namespace) -> list[dict]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
-    p.add_argument("--methods", nargs="+", help="recipes/cifar10 names (default all)")
+    p.add_argument("--methods", nargs="+", help="cifar10/ recipe names (default all)")
     p.add_argument("--steps", type=int, default=50, help="timed training steps")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first")
     p.add_argument("--batch-size", type=int, default=512)
@@ -186,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# torch {torch.__version__}, device {device} ({name})", flush=True)
     results: dict = {"device": name, "args": vars(args)}
     if "train" not in args.skip:
-        methods = args.methods or sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+        methods = args.methods or [
+            n.split("/", 1)[1] for n in list_recipes("train") if n.startswith("cifar10/")
+        ]
         rows = [method_throughput(m, args, device) for m in methods]
         results["train"] = rows
         print("\n| method | batch | precision | img/s | peak GiB |\n|---|---:|---|---:|---:|")

@@ -1,7 +1,8 @@
 """The typed recipe schema, recipe loading with inheritance, overrides and validation.
 
 A recipe is a YAML file. It may name the recipe(s) it extends with ``base:`` (a path relative
-to the file, or a list of them); the child's values win. ``key=value`` overrides from the
+to the file, or a shipped recipe name such as ``imagenet/msf``; or a list of them); the child's
+values win. ``key=value`` overrides from the
 command line are applied last. Every layer is validated against one schema: the run schema
 with the ``method`` section replaced by the chosen method's own dataclass, so unknown keys and
 wrong types fail before any work starts, naming the file (or override) and the key.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ssl_lib.models.heads import MLPConfig
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# The shipped recipes are package data. The package is installed unzipped (``zip_safe = False``
+# in setup.cfg), so this is a real folder, where bases are found by their relative paths.
+RECIPES_DIR = Path(resources.files("ssl_lib").joinpath("recipes"))
 EVAL_RECIPES = "eval"
 
 
@@ -89,7 +93,8 @@ class DataConfig:
 
     ``dataset``: ``synthetic`` | ``image_folder`` (ImageNet layout, ``root`` = the train folder)
     | ``file_list`` (``file_list`` lines ``relative/path [label]`` under ``root``) | ``cifar10``
-    | ``cifar100`` (torchvision; downloads only with ``download: true``).
+    | ``cifar100`` (torchvision's copy in the folder ``root``; downloaded there when missing
+    only with ``download: true``).
     ``views``: view pipeline names; for asymmetric methods views[0] goes to the online
     (student / query) network and views[1] to the target (teacher / key) network.
     ``batch_size`` is the global batch, split evenly over all processes.
@@ -223,14 +228,25 @@ CHOICES: dict[str, list[str]] = {
 }
 
 
+def _find(folder: Path, name: str) -> Path | None:
+    """The recipe file ``name`` (with or without ``.yaml``) under ``folder``, if there is one."""
+    for candidate in (folder / name, folder / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def resolve_recipe(recipe: str | Path) -> Path:
-    """A recipe given as a path, or as a shipped name such as ``demo/msf``."""
+    """A recipe given as a path, or as a shipped name such as ``demo/msf``.
+
+    Raises :class:`ConfigError` naming the closest shipped names when it is neither.
+    """
     path = Path(recipe)
     if path.is_file():
         return path
-    for candidate in (RECIPES_DIR / recipe, RECIPES_DIR / f"{recipe}.yaml"):
-        if candidate.is_file():
-            return candidate
+    shipped = _find(RECIPES_DIR, str(recipe))
+    if shipped is not None:
+        return shipped
     names = list_recipes()
     close = difflib.get_close_matches(str(recipe), names, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -241,12 +257,13 @@ def resolve_recipe(recipe: str | Path) -> Path:
 
 
 def is_eval_recipe(name: str) -> bool:
-    """Shipped recipes under ``recipes/eval/`` are evaluation recipes (``EvalConfig``)."""
+    """Shipped recipes under ``eval/`` are evaluation recipes (``EvalConfig``)."""
     return Path(name).parts[0] == EVAL_RECIPES
 
 
 def list_recipes(kind: str | None = None) -> list[str]:
-    """Shipped recipe names (relative to ``recipes/``, without ``.yaml``).
+    """Shipped recipe names (relative to ``ssl_lib/recipes/``, without ``.yaml``); names
+    starting with ``_`` (bases that are not recipes on their own) are left out.
 
     ``kind``: ``train`` or ``eval`` keeps only that kind; ``None`` lists both.
     """
@@ -284,9 +301,13 @@ def _layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConf
     bases = raw.pop("base", None)
     layers: list[tuple[str, DictConfig]] = []
     for base in [bases] if isinstance(bases, str) else list(bases or []):
-        base_path = (path.parent / base).resolve()
-        if not base_path.is_file():
-            raise ConfigError(f"{path}: base recipe '{base}' not found (looked at {base_path})")
+        found = _find(path.parent, str(base)) or _find(RECIPES_DIR, str(base))
+        if found is None:
+            raise ConfigError(
+                f"{path}: base recipe '{base}' not found: no file {path.parent / base}, and "
+                "not a shipped recipe (ssl-lib recipes lists them)"
+            )
+        base_path = found.resolve()
         layers += _layers(base_path, seen + (path,))
     layers.append((str(path), raw))
     return layers

@@ -49,6 +49,21 @@ def test_base_inheritance_and_overrides(tmp_path):
     assert cfg.optim.weight_decay == 0.01 and cfg.method.symmetric is True
 
 
+def test_base_may_name_a_shipped_recipe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # neither a local file nor the checkout's folders can answer
+    mine = write(tmp_path / "mine.yaml", "base: imagenet/msf\nmethod: {bank_size: 256000}\n")
+    cfg = load_config(mine)
+    assert cfg.method.name == "msf" and cfg.method.bank_size == 256000
+    assert cfg.optim.schedule == "cosine_epoch"  # from imagenet/_umbc.yaml, the shipped base's base
+    # a file next to the recipe wins over a shipped recipe of the same name
+    (tmp_path / "imagenet").mkdir()
+    write(tmp_path / "imagenet" / "msf.yaml", "method: {name: msf, k: 7}\n")
+    assert load_config(mine).method.k == 7 and cfg.method.k == 5
+    missing = write(tmp_path / "missing.yaml", "base: imagenet/msff\n")
+    with pytest.raises(ConfigError, match=r"missing.yaml: base recipe 'imagenet/msff' not found"):
+        load_config(missing)
+
+
 def test_unknown_key_names_file_and_close_match(tmp_path):
     bad = write(tmp_path / "bad.yaml", "method: {name: byol}\noptim: {lrr: 0.1}\n")
     with pytest.raises(ConfigError) as err:

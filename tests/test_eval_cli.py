@@ -70,7 +70,11 @@ def test_knn_and_linear_commands_on_real_images(tmp_path, cifar10_root, capsys, 
     save_random_init(random_init)
     capsys.readouterr()
 
-    roots = [f"data.train_root={cifar10_root / 'train'}", f"data.val_root={cifar10_root / 'test'}"]
+    roots = [
+        "data.dataset=image_folder",  # the class-folder copy instead of torchvision's
+        f"data.train_root={cifar10_root / 'train'}",
+        f"data.val_root={cifar10_root / 'test'}",
+    ]
     scores = {}
     for name, ckpt in (("random init", random_init), ("trained", trained)):
         assert run_main("eval", "knn", str(ckpt), "eval/cifar10_knn_umbc", *roots, *SUBSET) == 0

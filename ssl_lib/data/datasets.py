@@ -290,15 +290,39 @@ def file_list(
     return ImageList(samples, classes, skip_corrupt, max_image_pixels)
 
 
-def _cifar(cls: type, root: str | None, train: bool, download: bool) -> Dataset:
+CIFAR = {"cifar10": CIFAR10, "cifar100": CIFAR100}
+
+
+def cifar(
+    name: str, root: str | None, train: bool, download: bool, root_key: str = "data.root"
+) -> Dataset:
+    """torchvision's CIFAR-10 or CIFAR-100 (``name``: ``cifar10`` | ``cifar100``), one split.
+
+    ``root`` is the folder holding torchvision's copy (``cifar-10-batches-py/`` or
+    ``cifar-100-python/``: the python pickle batches). A copy that is there is only checked
+    (torchvision's MD5 check); with ``download`` a missing or corrupted one is downloaded into
+    ``root`` first. Yields ``(PIL image, label)``; 50,000 train / 10,000 test images of 32 px.
+
+    Raises :class:`DataError` (one line naming ``root_key``) when ``root`` is not set, when the
+    copy is missing or corrupted and ``download`` is off, or when the download fails.
+    """
+    cls = CIFAR[name]
     if root is None:
-        raise DataError(f"data.root must name the folder holding {cls.__name__} (or to create)")
+        raise DataError(f"{root_key} must name the folder that holds (or is to receive) {name}")
+    expected = Path(root) / cls.base_folder
     try:
         return cls(root, train=train, download=download)
-    except RuntimeError as err:
+    except (RuntimeError, OSError) as err:
+        if download:  # no network, a failed transfer or a corrupted archive
+            raise DataError(
+                f"could not download {name} into '{root}' ({root_key}): {err}. Download it by "
+                f"hand into {expected}/, or use a copy in class folders "
+                "(data.dataset=image_folder)"
+            ) from None
         raise DataError(
-            f"{cls.__name__} not found under '{root}' ({err}). Set data.download=true to "
-            "download it, or point data.root at an existing copy."
+            f"{name} not found or corrupted: no complete copy in '{expected}'. Set "
+            f"data.download=true to download it there, or point {root_key} at the folder that "
+            f"holds {cls.base_folder}/"
         ) from None
 
 
@@ -319,8 +343,8 @@ def build_base_dataset(cfg, train: bool = True, root: str | None = None) -> Data
         if root is None or cfg.file_list is None:
             raise DataError("data.dataset=file_list needs data.root and data.file_list")
         return file_list(root, cfg.file_list, cfg.skip_corrupt, cfg.max_image_pixels)
-    if kind in ("cifar10", "cifar100"):
-        return _cifar(CIFAR10 if kind == "cifar10" else CIFAR100, root, train, cfg.download)
+    if kind in CIFAR:
+        return cifar(kind, root, train, cfg.download)
     raise DataError(f"unknown data.dataset '{kind}'")
 
 

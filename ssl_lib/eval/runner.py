@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from ssl_lib.checkpoints import CheckpointError
 from ssl_lib.config import ConfigError, DataConfig
 from ssl_lib.data import VIEWS, IndexedDataset, build_base_dataset, file_list, image_folder
-from ssl_lib.data.datasets import DataError, subsample
+from ssl_lib.data.datasets import CIFAR, DataError, cifar, subsample
 from ssl_lib.eval import features as feature_io
 from ssl_lib.eval.features import FeatureCache
 from ssl_lib.eval.knn import knn_evaluate
@@ -78,15 +78,11 @@ def _split(cfg: DictConfig, train: bool) -> Dataset:
         return image_folder(root, max_image_pixels=d.max_image_pixels)
     if d.labelled_subset:
         raise ConfigError("data.labelled_subset needs data.dataset=image_folder")
+    if d.dataset in CIFAR:  # both splits from the one copy in train_root
+        return cifar(d.dataset, d.train_root, train, d.download, root_key="data.train_root")
     data_cfg = OmegaConf.merge(
         OmegaConf.structured(DataConfig),
-        {
-            "dataset": d.dataset,
-            "root": d.train_root,
-            "download": d.download,
-            "image_size": d.image_size,
-            "synthetic": d.synthetic,
-        },
+        {"dataset": d.dataset, "image_size": d.image_size, "synthetic": d.synthetic},
     )
     return build_base_dataset(data_cfg, train=train)
 

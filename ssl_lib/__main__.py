@@ -1,0 +1,5 @@
+"""``python -m ssl_lib ...``: the ``ssl-lib`` command."""
+
+from ssl_lib.cli import main
+
+main()
