@@ -54,8 +54,9 @@ def monitor_subsets(data_cfg: DictConfig, train_samples: int, val_samples: int, 
 class KNNMonitor(pl.Callback):
     """kNN accuracy of the online backbone on a bounded labelled subset every N epochs.
 
-    Logs ``monitor/knn_top1`` and, with more than 5 classes, ``monitor/knn_top5`` (percent),
-    as :func:`~ssl_lib.eval.knn.knn_evaluate` computes them for the majority vote.
+    Logs ``monitor/knn_top1`` (also shown in the progress bar until the next measurement) and,
+    with more than 5 classes, ``monitor/knn_top5`` (percent), as
+    :func:`~ssl_lib.eval.knn.knn_evaluate` computes them for the majority vote.
     """
 
     def __init__(self, bank: Dataset, queries: Dataset, num_classes: int, cfg, image_size: int):
@@ -101,7 +102,7 @@ class KNNMonitor(pl.Callback):
         for n in ("top1", "top5"):
             value = results[f"majority/k={k}/{n}"]
             if value is not None:  # top-5 is undefined with 5 or fewer classes
-                pl_module.log(f"monitor/knn_{n}", value)
+                pl_module.log(f"monitor/knn_{n}", value, prog_bar=n == "top1")
 
 
 class OnlineLinearMonitor(pl.Callback):
