@@ -120,9 +120,14 @@ def test_two_processes_finish_resume_exactly_and_call_the_same_collectives(tmp_p
         "epoch0001.ckpt",
         "last.ckpt",
     ]
-    history = json.loads((full / "metrics.json").read_text())["history"]
+    metrics = json.loads((full / "metrics.json").read_text())
+    history = metrics["history"]
     assert [r["epoch"] for r in history] == [0, 1]
     assert all("monitor/knn_top1" in r and "monitor/online_linear_acc" in r for r in history)
+    assert metrics["images"] == 2 * 96  # both processes' images, two epochs
+    for start in ("trained:", "kNN top-1:", "linear acc:", "plots:", "run folder:"):
+        assert sum(line.startswith(start) for line in out.splitlines()) == 1, start  # rank 0
+    assert len(list((full / "plots").glob("*.png"))) == 4
     assert not list((tmp_path / "runs").glob("full_*"))  # one folder for both processes
     assert_same_collectives(tmp_path / "full")
 
