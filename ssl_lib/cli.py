@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ssl_lib import console
 from ssl_lib.checkpoints import CheckpointError
 from ssl_lib.config import ConfigError, list_recipes, load_config, load_eval_config
 from ssl_lib.data.datasets import DataError
@@ -18,8 +19,18 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ssl-lib", description="Nearest-neighbour self-supervised learning."
     )
+    quiet_help = "no progress bars (training, feature extraction, k-means, linear probes)"
+    parser.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
+    # Each subcommand accepts it too (ssl-lib train RECIPE --quiet); SUPPRESS keeps the
+    # value given before the subcommand when it is not repeated after it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=quiet_help
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train", help="train a recipe: ssl-lib train RECIPE [key=value ...]")
+    tr = sub.add_parser(
+        "train", help="train a recipe: ssl-lib train RECIPE [key=value ...]", parents=[common]
+    )
     tr.add_argument("recipe", nargs="?", help="recipe file or shipped name (ssl-lib recipes)")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.1")
     tr.add_argument("--resume", metavar="RUN_DIR|CKPT", help="continue a run")
@@ -27,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     ev_sub = ev.add_subparsers(dest="protocol", required=True)
     for protocol, recipe in DEFAULT_EVAL_RECIPES.items():
         p = ev_sub.add_parser(
-            protocol, help=f"{protocol} evaluation: CHECKPOINT [RECIPE] [key=value ...]"
+            protocol,
+            help=f"{protocol} evaluation: CHECKPOINT [RECIPE] [key=value ...]",
+            parents=[common],
         )
         p.add_argument("checkpoint", help="a checkpoint written by ssl-lib train")
         p.add_argument(
@@ -43,12 +56,21 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("recipes", help="list the shipped recipes")
     sub.add_parser("backbones", help="list the built-in backbones")
     sub.add_parser("views", help="list the view pipelines")
+    # Reports on runs (ssl_lib.report).
+    pt = sub.add_parser(
+        "plot", help="curves of runs in one figure: ssl-lib plot RUN [RUN ...] --out F.png"
+    )
+    pt.add_argument("runs", nargs="+", metavar="RUN", help="run folders, e.g. runs/demo_msf")
+    pt.add_argument("--out", required=True, help="image to write (.png, .pdf, .svg, ...)")
+    rn = sub.add_parser("runs", help="one table of the runs in a folder: ssl-lib runs [DIR]")
+    rn.add_argument("dir", nargs="?", default="runs", help="folder searched (default: runs)")
     return parser
 
 
 def run(argv: Sequence[str]) -> int:
     """Run the command line ``argv``; returns the exit code."""
     args = _parser().parse_args(argv)
+    console.set_quiet(args.quiet)
     if args.command == "methods":
         from ssl_lib.methods import METHODS
 
@@ -85,6 +107,14 @@ def run(argv: Sequence[str]) -> int:
 
         exported = export_weights(args.checkpoint, args.out, args.format, args.part, args.force)
         print(exported.summary())
+    elif args.command == "plot":
+        from ssl_lib.report import load_run, plot_runs
+
+        print(f"plot:         {plot_runs([load_run(r) for r in args.runs], args.out)}")
+    elif args.command == "runs":
+        from ssl_lib.report import find_runs, runs_table
+
+        print(runs_table(find_runs(args.dir), args.dir))
     return 0
 
 

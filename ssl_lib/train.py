@@ -6,7 +6,8 @@ A run folder holds everything about one run::
     runs/<name>/checkpoints/         last.ckpt (every epoch, every N steps, on SIGTERM) and
                                      epochNNNN.ckpt every N epochs; all written atomically
     runs/<name>/tensorboard/         TensorBoard event files
-    runs/<name>/metrics.json         per-epoch history and the final values
+    runs/<name>/metrics.json         per-epoch history, the final values, wall time, images/s
+    runs/<name>/plots/               loss, LR and monitors over the epochs (PNG, at the end)
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ import pytorch_lightning as pl
 import torch.distributed as dist
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy, Strategy
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from ssl_lib import console, report
 from ssl_lib.checkpoints import (
     CheckpointError,
     atomic_save,
@@ -50,11 +52,17 @@ SIGTERM_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a run ended
 
 
 class MetricsJSON(pl.Callback):
-    """Writes ``metrics.json``: one record per epoch plus the latest values.
+    """Writes ``metrics.json``: one record per epoch, the latest values and the run's totals.
 
-    Every process reads ``trainer.callback_metrics``: reading it reduces the metrics logged
-    with ``sync_dist`` across processes, a collective that each process must join. Only the
-    first process writes the file.
+    Every process reads ``trainer.callback_metrics`` at each epoch end: reading it reduces the
+    metrics logged with ``sync_dist`` across processes, a collective that each process must
+    join. Only the first process writes the file. Every process keeps the history in memory
+    (:attr:`history`), which the end of the run reads without any collective.
+
+    Totals: ``wall_time_s`` is the wall-clock time of the training loop (monitors and
+    checkpoints included, start-up not), ``images`` the training images of all processes, and
+    ``images_per_s`` their ratio. Both counts are saved in checkpoints, so a resumed run adds
+    to them from the checkpoint on.
     """
 
     def __init__(self, path: Path) -> None:
@@ -62,17 +70,81 @@ class MetricsJSON(pl.Callback):
         self.history: list[dict] = []
         if path.is_file():  # resuming: keep the earlier epochs
             self.history = json.loads(path.read_text()).get("history", [])
+        self.images = 0
+        self._earlier_s = 0.0  # wall time before this process started training (resume)
+        self._start: float | None = None
+
+    def wall_time_s(self) -> float:
+        """Training wall time so far, earlier sessions of a resumed run included (seconds)."""
+        now = time.monotonic() - self._start if self._start is not None else 0.0
+        return self._earlier_s + now
+
+    def totals(self) -> dict[str, float]:
+        """``wall_time_s``, ``images`` and ``images_per_s`` (0 before any time has passed)."""
+        wall = self.wall_time_s()
+        rate = self.images / wall if wall > 0 else 0.0
+        return {"wall_time_s": wall, "images": self.images, "images_per_s": rate}
+
+    def write(self) -> dict[str, float]:
+        """Write the file (first process only; at every epoch end and at the run's end).
+
+        Returns the totals written (see :meth:`totals`).
+        """
+        totals = self.totals()
+        final = self.history[-1] if self.history else {}
+        content = {"history": self.history, "final": final, **totals}
+        atomic_write_text(self.path, json.dumps(content, indent=2))
+        return totals
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.monotonic()
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        views = batch[0]  # (views, labels, dataset indices); every process has as many images
+        self.images += views[0].shape[0] * trainer.world_size
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         record: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         for key, value in trainer.callback_metrics.items():
             value = float(value)
             record[key] = value if math.isfinite(value) else str(value)
+        record["wall_time_s"] = self.wall_time_s()
         self.history = [r for r in self.history if r["epoch"] < trainer.current_epoch] + [record]
         if trainer.is_global_zero:
-            atomic_write_text(
-                self.path, json.dumps({"history": self.history, "final": record}, indent=2)
-            )
+            self.write()
+
+    def state_dict(self) -> dict[str, float]:
+        return {"wall_time_s": self.wall_time_s(), "images": self.images}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self._earlier_s = float(state_dict.get("wall_time_s", 0.0))
+        self.images = int(state_dict.get("images", 0))
+
+
+class TrainingProgressBar(TQDMProgressBar):
+    """Lightning's bar showing ``loss`` (this step's) and ``knn_top1`` (the latest kNN
+    monitor, percent, once measured), without the logger's version number ``v_num``."""
+
+    SHOWN = {"train/loss": ("loss", "{:.4f}"), "monitor/knn_top1": ("knn_top1", "{:.1f}")}
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        # Lightning's documented way to change the bar's values. The first process alone draws
+        # the bar; the epoch's metrics it reads were already computed on every process by
+        # MetricsJSON (which comes before it), so reading them here is no collective.
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        shown = {}
+        for key, value in items.items():
+            name, form = self.SHOWN.get(key, (key, None))
+            shown[name] = form.format(value) if form else value
+        return shown
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -101,7 +173,9 @@ class LastCheckpoint(pl.Callback):
         self._saved_step: int | None = None
 
     def _save(self, trainer: pl.Trainer) -> None:
-        trainer.save_checkpoint(self.path)
+        # weights_only=False (a full checkpoint) is also Lightning's default, given explicitly
+        # so that Lightning does not log that it defaults to it at every save.
+        trainer.save_checkpoint(self.path, weights_only=False)
         self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
@@ -366,6 +440,7 @@ def train(
     """
     t = cfg.trainer
     check_trainer_limits(t)
+    console.silence_known_noise()
     if resume_from is not None:
         check_resumable(resume_from, cfg.method.name)
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
@@ -380,6 +455,8 @@ def train(
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     ckpt_dir = run_dir / "checkpoints"
     step_limit = StepLimit(t.max_steps)
+    metrics = MetricsJSON(run_dir / "metrics.json")
+    progress_bar = t.progress_bar and not console.is_quiet()
     callbacks = [
         step_limit,  # first: it decides before the other callbacks see the batch's end
         ModelCheckpoint(
@@ -390,9 +467,10 @@ def train(
             save_top_k=-1,
         ),
         *build_monitors(cfg, datamodule.build_train_set(), method.backbone.feat_dim),
-        MetricsJSON(run_dir / "metrics.json"),  # after the monitors: it records their values
+        metrics,  # after the monitors: it records their values
         # after the monitors too: its checkpoints include their updates of the batch or epoch
         LastCheckpoint(ckpt_dir / "last.ckpt", t.checkpoint_every_n_steps),
+        *([TrainingProgressBar()] if progress_bar else []),  # after MetricsJSON (see there)
         *callbacks,
     ]
     trainer = pl.Trainer(
@@ -408,7 +486,7 @@ def train(
         precision=t.precision,
         log_every_n_steps=t.log_every_n_steps,
         limit_train_batches=t.limit_train_batches,
-        enable_progress_bar=t.progress_bar,
+        enable_progress_bar=progress_bar,
         num_sanity_val_steps=0,
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # the data module's EpochSampler splits the data
@@ -425,7 +503,8 @@ def train(
         raise NonFiniteLossError(f"{err}. Last good checkpoint: {last_good}") from None
     except SIGTERMException:
         if step_limit.reached and not watchdog.received:
-            _print_stop(trainer, f"stopped at trainer.max_steps={t.max_steps}", run_dir, last)
+            reason = f"stopped at trainer.max_steps={t.max_steps}"
+            _finish(trainer, reason, run_dir, last, metrics)
             return run_dir
         if trainer.is_global_zero:
             print(
@@ -443,19 +522,60 @@ def train(
             f"trainer.collective_timeout_s={t.collective_timeout_s:g} s (another process stopped "
             f"or took another code path). Last checkpoint: {_describe_checkpoint(last)}"
         ) from None
-    _print_stop(trainer, None, run_dir, last)
+    _finish(trainer, None, run_dir, last, metrics)
     return run_dir
 
 
-def _print_stop(trainer: pl.Trainer, reason: str | None, run_dir: Path, last: Path) -> None:
-    """The end-of-run lines (first process only)."""
+def _finish(
+    trainer: pl.Trainer, reason: str | None, run_dir: Path, last: Path, metrics: MetricsJSON
+) -> None:
+    """End of a run that stopped as planned, on the first process only: the totals into
+    ``metrics.json``, the plots, then the end-of-run lines.
+
+    Everything comes from what ``metrics`` holds in memory: reading
+    ``trainer.callback_metrics`` here would be a collective the other processes never join.
+    """
     if not trainer.is_global_zero:
         return
+    totals = metrics.write()
+    try:
+        plots = report.write_run_plots(run_dir, metrics.history)
+    except Exception as err:  # the trained run and its checkpoints matter more than a picture
+        print(f"ssl-lib: warning: could not write the plots: {err}", file=sys.stderr)
+        plots = []
+    _print_stop(trainer, reason, run_dir, last, metrics.history, totals, plots)
+
+
+def _print_stop(
+    trainer: pl.Trainer,
+    reason: str | None,
+    run_dir: Path,
+    last: Path,
+    history: list[dict],
+    totals: dict[str, float],
+    plots: list[Path],
+) -> None:
+    """The end-of-run lines: why it stopped (if early), what was trained, how fast, the last and
+    best monitor values, and where the run's files are."""
     if reason is not None:
         print(
             f"{reason} (global step {trainer.global_step}, epoch {trainer.current_epoch}); "
             f"continue with: ssl-lib train --resume {run_dir} trainer.max_steps=-1"
         )
+    epochs = history[-1]["epoch"] + 1 if history else 0
+    print(
+        f"trained:      {epochs} epochs, {trainer.global_step} steps in "
+        f"{report.format_duration(totals['wall_time_s'])} ({totals['images_per_s']:.0f} images/s)"
+    )
+    for label, key in (("kNN top-1:", report.KNN_TOP1), ("linear acc:", report.LINEAR_ACC)):
+        s = report.summarize(history, key)
+        if s is not None:
+            print(
+                f"{label:<13} final {s.final:.2f} % (epoch {s.final_epoch}), "
+                f"best {s.best:.2f} % (epoch {s.best_epoch})"
+            )
+    if plots:
+        print(f"plots:        {plots[0].parent} ({', '.join(p.name for p in plots)})")
     print(f"run folder:   {run_dir}")
     print(f"config:       {run_dir / 'config.yaml'}")
     print(f"checkpoint:   {last}")

@@ -107,6 +107,7 @@ def full_run(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("full")
     code, out, err = finish(command(folder / "trace", "train", str(write_recipe(folder))))
     assert code == 0, err[-3000:]
+    (folder / "stdout.txt").write_text(out)
     return folder
 
 
@@ -127,9 +128,15 @@ def test_two_processes_finish_resume_exactly_and_call_the_same_collectives(
         "epoch0001.ckpt",
         "last.ckpt",
     ]
-    history = json.loads((full / "metrics.json").read_text())["history"]
+    metrics = json.loads((full / "metrics.json").read_text())
+    history = metrics["history"]
     assert [r["epoch"] for r in history] == [0, 1]
     assert all("monitor/knn_top1" in r and "monitor/online_linear_acc" in r for r in history)
+    assert metrics["images"] == 2 * 96  # both processes' images, two epochs
+    out = (full_run / "stdout.txt").read_text()
+    for start in ("trained:", "kNN top-1:", "linear acc:", "plots:", "run folder:"):
+        assert sum(line.startswith(start) for line in out.splitlines()) == 1, start  # rank 0
+    assert len(list((full / "plots").glob("*.png"))) == 4
     assert not list((full_run / "runs").glob("ddp_*"))  # one folder for both processes
     assert_same_collectives(full_run / "trace")
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from tqdm import tqdm
+
+from ssl_lib import console
 
 from ssl_lib.files import atomic_write
 
@@ -64,9 +65,7 @@ def _embed(
     progress: bool,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     feats, labels, indices = [], [], []
-    for images, batch_labels, batch_indices in tqdm(
-        loader, desc="features", disable=not progress, leave=False
-    ):
+    for images, batch_labels, batch_indices in console.progress(loader, "features", progress):
         out = model(images.to(device, non_blocking=True)).flatten(1).float()
         if normalize:
             out = nn.functional.normalize(out, dim=1)
@@ -92,7 +91,8 @@ def extract_features(
     afterwards. Outputs are flattened, L2-normalised in float32 when ``normalize``, then stored
     on the CPU in ``dtype``. Under an initialised ``torch.distributed`` group the rows of all
     ranks are gathered onto every rank. Rows are returned sorted by dataset index, with repeated
-    indices (the padding added by ``DistributedSampler``) kept once.
+    indices (the padding added by ``DistributedSampler``) kept once. With ``progress`` a bar
+    shows the batches done, rate and ETA (see :func:`ssl_lib.console.progress`).
 
     Returns ``(feats, labels, indices)``: ``N x D`` in ``dtype``, ``N`` int64, ``N`` int64.
     """
@@ -101,8 +101,7 @@ def extract_features(
     model.eval()
     distributed = dist.is_available() and dist.is_initialized()
     try:
-        show = progress and (not distributed or dist.get_rank() == 0)
-        batches = _embed(model, loader, device, dtype, normalize, show)
+        batches = _embed(model, loader, device, dtype, normalize, progress)
     finally:
         for module, training in flags:
             module.training = training

@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
+
+from ssl_lib import console
 
 STANDARDIZE_EPS = 1e-5
 _EVAL_BATCH = 4096
@@ -143,7 +144,7 @@ def _train_epochs(
     """``cfg.epochs`` epochs of SGD on ``(features, labels)`` batches (one fresh pass each)."""
     optimizer, scheduler = make_optimizer(probe, cfg, lr)
     device = next(probe.parameters()).device
-    for epoch in tqdm(range(cfg.epochs), desc=f"linear lr={lr:g}", disable=not progress):
+    for epoch in console.progress(range(cfg.epochs), f"linear lr={lr:g}", progress):
         probe.train()
         for feats, labels in batches():
             loss = F.cross_entropy(probe(feats.to(device)), labels.to(device))

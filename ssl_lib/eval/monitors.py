@@ -54,8 +54,9 @@ def monitor_subsets(data_cfg: DictConfig, train_samples: int, val_samples: int, 
 class KNNMonitor(pl.Callback):
     """kNN accuracy of the online backbone on a bounded labelled subset every N epochs.
 
-    Logs ``monitor/knn_top1`` and, with more than 5 classes, ``monitor/knn_top5`` (percent),
-    as :func:`~ssl_lib.eval.knn.knn_evaluate` computes them for the majority vote.
+    Logs ``monitor/knn_top1`` (also shown in the progress bar until the next measurement) and,
+    with more than 5 classes, ``monitor/knn_top5`` (percent), as
+    :func:`~ssl_lib.eval.knn.knn_evaluate` computes them for the majority vote.
     """
 
     def __init__(self, bank: Dataset, queries: Dataset, num_classes: int, cfg, image_size: int):
@@ -104,7 +105,7 @@ class KNNMonitor(pl.Callback):
                 # Every process holds the same value (features are gathered); syncing it is
                 # one small all-reduce that every process joins, and keeps Lightning's
                 # epoch-level metrics uniform across processes.
-                pl_module.log(f"monitor/knn_{n}", value, sync_dist=True)
+                pl_module.log(f"monitor/knn_{n}", value, sync_dist=True, prog_bar=n == "top1")
 
 
 class OnlineLinearMonitor(pl.Callback):

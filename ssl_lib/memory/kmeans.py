@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ssl_lib import console
 from ssl_lib.memory.search import faiss_available, faiss_gpu_available
 
 KMEANS_BACKENDS = ("auto", "faiss", "torch")
@@ -65,7 +66,7 @@ def _torch_kmeans(x: Tensor, num_clusters: int, iters: int, seed: int) -> Tensor
     gen = torch.Generator().manual_seed(seed)
     start = torch.randperm(x.shape[0], generator=gen)[:num_clusters].to(x.device)
     centroids = x[start].clone()
-    for _ in range(iters):
+    for _ in console.progress(range(iters), "k-means"):
         assign = _nearest(x, centroids)
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
         counts = torch.bincount(assign, minlength=num_clusters).unsqueeze(1)

@@ -296,7 +296,13 @@ class SSLMethod(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         for key, value in extra.items():
             self.log(f"train/{key}", value, batch_size=batch_size)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        lr = self.optimizers().param_groups[0]["lr"]
+        self.log("train/lr", lr)
+        # Means over the epoch (all processes) for metrics.json and the run's plots; the values
+        # above are those of the epoch's last step there.
+        epoch_mean = {"on_step": False, "on_epoch": True, "sync_dist": True}
+        self.log("train/loss_epoch", loss, batch_size=batch_size, **epoch_mean)
+        self.log("train/lr_epoch", lr, batch_size=batch_size, **epoch_mean)
         dropped = getattr(getattr(self._trainer, "datamodule", None), "dropped_samples", None)
         if dropped is not None:  # samples of each epoch no process trains on
             self.log("train/dropped_samples", float(dropped))
