@@ -14,7 +14,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ssl_lib import console
-
 from ssl_lib.files import atomic_write
 
 # Rows sent per all_gather call, which bounds the communication buffers on each device.
