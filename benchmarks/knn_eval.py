@@ -238,9 +238,10 @@ def main() -> None:
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             runs[variant].append(json.loads(out.strip().splitlines()[-1]))
             run = runs[variant][-1]
+            backend = run["results"].get("backend")
             print(
                 f"round {repeat + 1}, {variant}: {run['seconds']:.1f} s wall, "
-                f"{run['cpu_seconds']:.1f} s CPU",
+                f"{run['cpu_seconds']:.1f} s CPU" + (f", backend {backend}" if backend else ""),
                 flush=True,
             )
     # Per variant: the fastest run's record, with the largest peak memory over all runs.

@@ -5,9 +5,11 @@ MSF loss ``mean(2 - 2 cos(q, bank[nn]))`` of the online predictions ``q`` with b
 
 Compared implementations:
 
-* ``ours-torch`` / ``ours-faiss``: the bank side of ``ssl_lib.methods.msf.MSF.compute_loss``:
-  :class:`ssl_lib.memory.MemoryBank` (chunked exact search) and the method's ``msf_loss`` on
-  the gathered ``B x k x D`` neighbours only.
+* ``ours-torch`` / ``ours-faiss`` / ``ours-auto``: the bank side of
+  ``ssl_lib.methods.msf.MSF.compute_loss``: :class:`ssl_lib.memory.MemoryBank` (chunked exact
+  search) and the method's ``msf_loss`` on the gathered ``B x k x D`` neighbours only. The
+  ``auto`` bank settles its backend with ``MemoryBank.choose_backend`` before the timing, as
+  training does when it starts; the choice is printed.
 * ``authors``: the official MSF step: clone the bank, two dense ``B x K`` distance matrices
   (target and online), ``topk``, gather, loss with backward through the dense online matmul.
 * ``lightly``: an NNCLR-style bank module as lightly's ``NNMemoryBankModule`` behaves
@@ -130,11 +132,13 @@ def run_case(
 
     methods["floor"] = floor
     backends = ["torch"] + (["faiss"] if faiss_available() and device.type == "cpu" else [])
-    for backend in backends:
+    for backend in [*backends, "auto"]:
         bank = MemoryBank(
             size, dim, payloads=(), backend=backend, chunk_size=chunk_size, init="zeros"
         )
         bank.to(device).embeddings.copy_(rows)
+        if backend == "auto":
+            print(f"# K={size} D={dim} k={k}: auto chose {bank.choose_backend(batch, k)}")
         methods[f"ours-{backend}"] = with_grad_reset(ours_step(bank, k))
     authors = AuthorsBank(rows)
     methods["authors"] = with_grad_reset(lambda q_, u_: authors.step(q_, u_, k))
@@ -164,7 +168,7 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, B={args.batch}, "
         f"chunk_size={args.chunk_size}, median of {args.repeats}"
     )
-    names = ["floor", "ours-torch", "ours-faiss", "authors", "lightly"]
+    names = ["floor", "ours-torch", "ours-faiss", "ours-auto", "authors", "lightly"]
     header = f"| {'K':>8} | {'D':>4} | {'k':>3} | " + " | ".join(f"{n:>17}" for n in names) + " |"
     print(header)
     print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")

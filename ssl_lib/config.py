@@ -61,7 +61,8 @@ class BankMethodConfig(TargetMethodConfig):
 
     ``bank_size``: rows K (any size; writes wrap around). ``bank_dtype``: storage precision
     (``fp32`` / ``fp16`` / ``bf16``; search and losses are float32). ``search_backend``:
-    nearest-neighbour backend of the bank (``auto`` / ``torch`` / ``faiss``).
+    nearest-neighbour backend of the bank: ``torch``, ``faiss`` or ``auto`` (the faster of the
+    two for the step's search, timed when training starts; ``ssl_lib.memory.search``).
     """
 
     bank_size: int = 65536
@@ -457,7 +458,11 @@ class FeaturesConfig:
 
 @dataclass
 class KNNEvalConfig:
-    """kNN classification (``ssl_lib.eval.knn.knn_evaluate``)."""
+    """kNN classification (``ssl_lib.eval.knn.knn_evaluate``).
+
+    ``backend``: the search backend, ``torch``, ``faiss`` or ``auto`` (the faster of the two,
+    timed on the search's first blocks; ``ssl_lib.memory.search``).
+    """
 
     ks: list[int] = field(default_factory=lambda: [1, 20])
     temperatures: list[float] = field(default_factory=lambda: [0.07, 0.1])

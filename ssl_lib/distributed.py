@@ -27,6 +27,13 @@ def rank() -> int:
     return dist.get_rank() if is_dist() else 0
 
 
+def comm_device() -> torch.device:
+    """Device for tensors of a collective: the current CUDA device under NCCL, else the CPU."""
+    if is_dist() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def all_gather_concat(t: Tensor) -> Tensor:
     """Concatenate every rank's ``t`` along dim 0 in rank order (identity when not distributed).

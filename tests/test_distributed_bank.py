@@ -1,15 +1,19 @@
 """Bank replication and shuffle-BN helpers under a real 2-process gloo group."""
 
+import importlib
 import os
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ssl_lib import distributed as ddp
 from ssl_lib.memory import MemoryBank
+from ssl_lib.memory.search import faiss_available
 
 WORLD = 2
 SIZE, DIM, LOCAL_BATCH, STEPS = 40, 6, 7, 8
@@ -65,6 +69,40 @@ def _shuffle_body(rank: int) -> dict:
     }
 
 
+def _choose_body(rank: int) -> dict:
+    """Timings that disagree: alone, rank 0 would pick faiss and rank 1 torch."""
+    search = importlib.import_module("ssl_lib.memory.search")
+    search.AUTO_MIN_BLOCK_MACS = 0
+    clock = [0.0]
+    search.time = SimpleNamespace(perf_counter=lambda: clock[0])  # advanced by the slow kernel
+    slow = "torch" if rank == 0 else "faiss"
+    calls: list[str] = []
+    for name, attr in (("torch", "_torch_kernel"), ("faiss", "_faiss_cpu_kernel")):
+        kernel = getattr(search, attr)
+
+        def run(*args, kernel=kernel, name=name):
+            calls.append(name)
+            clock[0] += 1.0 if name == slow else 0.0
+            return kernel(*args)
+
+        setattr(search, attr, run)
+    bank = MemoryBank(SIZE, DIM, payloads=())
+    queries = _batch(99, rank)[0]
+    out = {"chosen": bank.choose_backend(LOCAL_BATCH, 3), "timing_calls": list(calls)}
+    calls.clear()
+    out["knn"] = bank.knn(queries, 3)[1]
+    out["search_calls"] = list(calls)
+    calls.clear()
+    bank.knn(queries, 2)  # a case no choose_backend settled: torch, untimed, on every rank
+    out["unsettled_calls"] = list(calls)
+    if rank == 1:  # faiss cannot run here: every rank must use torch
+        search._faiss_unusable = lambda device, k: "is unusable on rank 1"
+    calls.clear()
+    out["chosen_if_unusable"] = bank.choose_backend(LOCAL_BATCH, 4)
+    out["timing_calls_if_unusable"] = list(calls)
+    return out
+
+
 def _spawn(tmp_path: Path, body) -> list[dict]:
     mp.spawn(_run, args=(_free_port(), str(tmp_path), body), nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
@@ -95,6 +133,21 @@ def test_shuffle_unshuffle_across_ranks(tmp_path: Path):
     for res in results:
         assert torch.equal(res["restored"], res["x"] * 10)
         assert torch.equal(res["gathered"], torch.tensor([[0.0] * 3] * 2 + [[1.0] * 3] * 2))
+
+
+@pytest.mark.skipif(not faiss_available(), reason="needs faiss")
+def test_auto_backend_is_rank_0s_choice_on_every_rank(tmp_path: Path):
+    results = _spawn(tmp_path, _choose_body)
+    for res in results:
+        assert res["timing_calls"] == ["torch", "faiss", "faiss", "torch", "torch", "faiss"]
+        assert res["chosen"] == "faiss" and res["search_calls"] == ["faiss"]
+        assert res["unsettled_calls"] == ["torch"]
+        assert res["chosen_if_unusable"] == "torch"
+    assert len(results[0]["timing_calls_if_unusable"]) == 6  # rank 0 timed and chose faiss
+    assert results[1]["timing_calls_if_unusable"] == []
+    single = MemoryBank(SIZE, DIM, payloads=(), backend="torch")
+    for rank, res in enumerate(results):
+        assert torch.equal(res["knn"], single.knn(_batch(99, rank)[0], 3)[1])
 
 
 def test_single_process_helpers():

@@ -5,9 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import cpu_trainer
 from torch import nn
 
 from ssl_lib.config import ConfigError
+from ssl_lib.data.module import SSLDataModule
+from ssl_lib.memory import MemoryBank
 from ssl_lib.methods import build_method
 from ssl_lib.methods.byol import regression_loss
 from ssl_lib.methods.msf import msf_loss
@@ -99,3 +102,21 @@ def test_bad_settings(make_config):
         )
     with pytest.raises(ConfigError, match="search_backend"):
         msf_config(make_config, search_backend="annoy")
+
+
+def test_training_start_settles_the_search_backend(make_config, monkeypatch):
+    """``on_train_start`` settles ``search_backend: auto`` for the step's exact search shape."""
+    cfg = msf_config(make_config, k=3)
+    dm = SSLDataModule(cfg.data)
+    dm.check()
+    model = build_method(cfg)
+    calls = []
+    real = MemoryBank.choose_backend
+
+    def spy(bank, num_queries, k):
+        calls.append((bank, num_queries, k))
+        return real(bank, num_queries, k)
+
+    monkeypatch.setattr(MemoryBank, "choose_backend", spy)
+    cpu_trainer(max_steps=1).fit(model, datamodule=dm)
+    assert calls == [(model.bank, cfg.data.batch_size, 3)]

@@ -1,4 +1,9 @@
-"""Exact search: backends agree with a numpy brute force; constraints equal masked brute force."""
+"""Exact search: backends agree with a numpy brute force; constraints equal masked brute force;
+the auto rule; k-means assignment through the same search."""
+
+import importlib
+import logging
+import types
 
 import numpy as np
 import pytest
@@ -6,7 +11,11 @@ import torch
 from torch import nn
 
 from ssl_lib.memory import AllowedIndices, MemoryBank, SameCluster, SameLabel, search
-from ssl_lib.memory.search import faiss_available, resolve_backend
+from ssl_lib.memory.kmeans import kmeans
+from ssl_lib.memory.search import SearchCase, faiss_available, resolve_backend
+
+# The module itself: ``ssl_lib.memory.search`` as an attribute is the function of that name.
+search_mod = importlib.import_module("ssl_lib.memory.search")
 
 BACKEND_NAMES = ["torch", "auto"] + (["faiss"] if faiss_available() else [])
 
@@ -77,18 +86,6 @@ def test_backends_agree_up_to_ties():
     for r in results[1:]:
         torch.testing.assert_close(r.similarities, results[0].similarities, rtol=0, atol=1e-5)
         torch.testing.assert_close(r.indices % 200, results[0].indices % 200)
-
-
-def test_auto_rule():
-    cpu = torch.device("cpu")
-    for device in (cpu, torch.device("cuda")):
-        assert resolve_backend("auto", device, masked=False) == "torch"
-        assert resolve_backend("torch", device, masked=False) == "torch"
-    if faiss_available():
-        assert resolve_backend("faiss", cpu, masked=False) == "faiss"
-    assert resolve_backend("faiss", cpu, masked=True) == "torch"
-    with pytest.raises(ValueError, match="unknown backend 'x'; accepted: auto, torch, faiss"):
-        resolve_backend("x", cpu, masked=False)
 
 
 def _labelled_bank(num_rows=300, dim=16, num_classes=6, backend="torch", chunk_size=70):
@@ -194,3 +191,241 @@ def test_constraint_errors():
         AllowedIndices(torch.ones(300, dtype=torch.bool))
     with pytest.raises(ValueError, match="chunk_size"):
         search(bank.embeddings, queries, 2, chunk_size=0)
+
+
+# --- one search: query chunks, metrics, ties ---------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize(("query_chunk", "chunk_size"), [(None, 1000), (4, 64), (5, 7), (1, 333)])
+def test_query_and_bank_chunks_match_brute_force(backend, metric, query_chunk, chunk_size):
+    g = torch.Generator().manual_seed(20)
+    bank = torch.randn(333, 12, generator=g)  # not normalised: l2 and ip rank differently
+    queries = torch.randn(11, 12, generator=g)
+    result = search(
+        bank,
+        queries,
+        9,
+        backend=backend,
+        chunk_size=chunk_size,
+        query_chunk=query_chunk,
+        metric=metric,
+    )
+    b, q = bank.double().numpy(), queries.double().numpy()
+    if metric == "ip":
+        scores = q @ b.T
+    else:
+        scores = -((q[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    idx = np.argsort(-scores, axis=1, kind="stable")[:, :9]
+    assert np.array_equal(result.indices.numpy(), idx)
+    np.testing.assert_allclose(
+        result.similarities.numpy(), np.take_along_axis(scores, idx, 1), rtol=1e-5, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("query_chunk", [None, 3])
+def test_constraint_with_query_chunks_matches_masked_brute_force(strict, query_chunk):
+    bank = _labelled_bank(chunk_size=64)
+    queries = _unit(8, 16, 8)
+    query_labels = torch.tensor([0, 1, 2, 3, -1, 6, 6, 7])
+    constraint = SameLabel(query_labels, strict=strict)
+    columns = {"labels": bank.labels}
+    result = search(
+        bank.embeddings,
+        queries,
+        10,
+        chunk_size=45,
+        query_chunk=query_chunk,
+        mask_fn=lambda a, b: constraint.chunk_mask(columns, a, b),
+        strict=strict,
+    )
+    q, b = query_labels.numpy()[:, None], bank.labels.numpy()[None, :]
+    allowed = ((q == b) & (b >= 0)) | (q < 0)
+    ref_sims, ref_idx, ref_valid = _masked_brute(bank.embeddings, queries, 10, allowed, strict)
+    assert np.array_equal(result.indices.numpy(), ref_idx)
+    assert np.array_equal(result.valid.numpy(), ref_valid)
+    np.testing.assert_allclose(result.similarities.numpy(), ref_sims, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [100, 3])
+def test_k1_ties_go_to_the_lowest_row(chunk_size):
+    rows = _unit(4, 8, 21)
+    bank = torch.cat([rows, rows, rows])  # rows i, i + 4 and i + 8 are equal
+    result = search(bank, rows, 1, backend="torch", chunk_size=chunk_size)
+    assert result.indices[:, 0].tolist() == [0, 1, 2, 3]
+
+
+def test_search_blocks_moves_rows_and_masks():
+    from ssl_lib.memory.search import search_blocks
+
+    bank = _unit(50, 8, 22)
+    queries = _unit(4, 8, 23)
+    allowed = torch.arange(50) % 3 == 0
+    blocks = ((s, bank[s : s + 16].half(), allowed[s : s + 16]) for s in range(0, 50, 16))
+    sims, idx = search_blocks(blocks, queries, 5)
+    ref_sims, ref_idx = _brute(bank.half().float()[allowed], queries, 5)
+    assert np.array_equal(idx.numpy(), torch.arange(50)[allowed][ref_idx].numpy())
+    np.testing.assert_allclose(sims.numpy(), ref_sims, rtol=0, atol=1e-5)
+    # Fewer allowed rows than k: -inf slots with valid row indices.
+    sims, idx = search_blocks([(0, bank, torch.arange(50) < 2)], queries, 4)
+    assert torch.isinf(sims[:, 2:]).all() and bool(((idx >= 0) & (idx < 50)).all())
+
+
+def test_chunk_and_metric_errors():
+    bank, queries = _unit(10, 4, 0), _unit(2, 4, 1)
+    with pytest.raises(ValueError, match="query_chunk must be >= 1, got 0"):
+        search(bank, queries, 2, query_chunk=0)
+    with pytest.raises(ValueError, match="unknown metric 'cos'; accepted: ip, l2"):
+        search(bank, queries, 2, metric="cos")
+    with pytest.raises(ValueError, match="unknown backend 'x'; accepted: auto, torch, faiss"):
+        search(bank, queries, 2, backend="x")
+
+
+# --- the backend rule ----------------------------------------------------------------------------
+
+
+def _case(device="cpu", queries=256, rows=131072, dim=512, k=5):
+    return SearchCase.of(
+        torch.empty(rows, 1).expand(rows, dim), queries, k, torch.device(device), 65536, None, "ip"
+    )
+
+
+def test_backend_rule_without_timing():
+    small = _case(queries=4, rows=1000, dim=16)
+    assert small.block_macs < search_mod.AUTO_MIN_BLOCK_MACS
+    assert resolve_backend("auto", small) == "torch"
+    assert resolve_backend("torch", _case()) == "torch"
+    assert resolve_backend("faiss", _case(), masked=True) == "torch"  # faiss cannot mask
+    with pytest.raises(ValueError, match="unknown backend 'x'; accepted: auto, torch, faiss"):
+        resolve_backend("x", small)
+    with pytest.raises(ValueError, match="backend 'faiss' supports CPU or CUDA tensors, got meta"):
+        resolve_backend("faiss", _case("meta"))
+    assert resolve_backend("auto", _case("meta")) == "torch"
+    if not search_mod.faiss_gpu_available():
+        assert resolve_backend("auto", _case("cuda")) == "torch"
+        with pytest.raises(ValueError, match="needs a GPU build of faiss"):
+            resolve_backend("faiss", _case("cuda"))
+    if faiss_available():
+        assert resolve_backend("faiss", _case()) == "faiss"
+        assert resolve_backend("auto", _case()) is None  # to be timed
+        assert resolve_backend("auto", _case(), may_time=False) == "torch"
+
+
+@pytest.fixture
+def timed(monkeypatch):
+    """Auto timing on tiny cases, a fresh cache, kernel calls recorded in order, and a fake
+    clock that only the slow backend's kernel advances (1 s per block)."""
+    if not faiss_available():
+        pytest.skip("needs faiss")
+    monkeypatch.setattr(search_mod, "AUTO_MIN_BLOCK_MACS", 0)
+    monkeypatch.setattr(search_mod, "_CHOICES", {})
+    clock = [0.0]
+    monkeypatch.setattr(search_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    calls: list[str] = []
+
+    def make(slow_backend: str) -> list[str]:
+        for name, attr in (("torch", "_torch_kernel"), ("faiss", "_faiss_cpu_kernel")):
+            kernel = getattr(search_mod, attr)
+
+            def run(*args, kernel=kernel, name=name):
+                calls.append(name)
+                clock[0] += 1.0 if name == slow_backend else 0.0
+                return kernel(*args)
+
+            monkeypatch.setattr(search_mod, attr, run)
+        return calls
+
+    return make
+
+
+@pytest.mark.parametrize("slow_backend", ["torch", "faiss"])
+def test_auto_times_its_own_blocks_once_and_logs_the_choice(timed, caplog, slow_backend):
+    calls = timed(slow_backend)
+    faster = "faiss" if slow_backend == "torch" else "torch"
+    bank, queries = _unit(300, 8, 30), _unit(12, 8, 31)
+    ref_sims, ref_idx = _brute(bank, queries, 4)
+    with caplog.at_level(logging.INFO, logger="ssl_lib.memory.search"):
+        # 2 query chunks x 6 bank chunks: the six timed blocks are the search's own blocks.
+        first = search(bank, queries, 4, chunk_size=50, query_chunk=6)
+        assert calls == list(search_mod._TIMING_ORDER) + [faster] * 6
+        calls.clear()
+        second = search(bank, queries, 4, chunk_size=50, query_chunk=6)
+        assert calls == [faster] * 12
+    for result in (first, second):
+        assert np.array_equal(result.indices.numpy(), ref_idx)
+        np.testing.assert_allclose(result.similarities.numpy(), ref_sims, rtol=0, atol=1e-5)
+    records = [r.getMessage() for r in caplog.records]
+    assert len(records) == 1
+    ms = "1000.00, faiss 0.00" if faster == "faiss" else "0.00, faiss 1000.00"
+    assert f": {faster} (median ms per block: torch {ms})" in records[0]
+    assert "12 queries" not in records[0] and "6 queries x 300 rows x 8 dims" in records[0]
+
+
+def test_auto_with_too_few_blocks_repeats_its_first_block(timed):
+    calls = timed("torch")
+    bank, queries = _unit(40, 8, 32), _unit(5, 8, 33)
+    result = search(bank, queries, 3)  # one block: five extra timed runs of it
+    assert calls == list(search_mod._TIMING_ORDER)
+    assert np.array_equal(result.indices.numpy(), _brute(bank, queries, 3)[1])
+    calls.clear()
+    search(bank, queries, 3)
+    assert calls == ["faiss"]
+    calls.clear()
+    search(bank, queries, 2)  # another k is another case
+    assert calls == list(search_mod._TIMING_ORDER)
+
+
+def test_bank_choose_backend_settles_auto_before_the_first_search(timed, caplog):
+    calls = timed("torch")
+    bank = MemoryBank(64, 8, payloads=(), backend="auto")
+    with caplog.at_level(logging.INFO, logger="ssl_lib.memory.search"):
+        assert bank.choose_backend(6, 3) == "faiss"
+    assert calls == list(search_mod._TIMING_ORDER)
+    calls.clear()
+    bank.knn(_unit(6, 8, 34), 3)
+    assert calls == ["faiss"]
+    assert len(caplog.records) == 1
+    explicit = MemoryBank(64, 8, payloads=(), backend="torch")
+    assert explicit.choose_backend(6, 3) == "torch"
+
+
+# --- k-means assignment ---------------------------------------------------------------------------
+
+
+def _old_torch_kmeans(x, num_clusters, iters, seed):
+    """The torch k-means as it was before its assignments went through the search module."""
+
+    def nearest(c):
+        return (x @ c.T - 0.5 * (c * c).sum(dim=1)).argmax(dim=1)
+
+    gen = torch.Generator().manual_seed(seed)
+    centroids = x[torch.randperm(x.shape[0], generator=gen)[:num_clusters]].clone()
+    for _ in range(iters):
+        assign = nearest(centroids)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=num_clusters).unsqueeze(1)
+        filled = counts.squeeze(1) > 0
+        centroids[filled] = sums[filled] / counts[filled]
+    return nearest(centroids)
+
+
+def test_kmeans_torch_is_unchanged_and_auto_small_is_torch():
+    g = torch.Generator().manual_seed(40)
+    x = nn.functional.normalize(torch.randn(500, 16, generator=g), dim=1)
+    ids = kmeans(x, 12, iters=5, seed=3, backend="torch")
+    assert torch.equal(ids, _old_torch_kmeans(x, 12, 5, 3))
+    assert torch.equal(kmeans(x, 12, iters=5, seed=3), ids)  # too small to time: torch
+
+
+@pytest.mark.skipif(not faiss_available(), reason="needs faiss")
+def test_kmeans_faiss_final_assignment_is_faiss_nearest_centroid():
+    import faiss
+
+    g = torch.Generator().manual_seed(41)
+    x = nn.functional.normalize(torch.randn(400, 16, generator=g), dim=1)
+    ids = kmeans(x, 10, iters=4, seed=2, backend="faiss")
+    km = faiss.Kmeans(16, 10, niter=4, seed=2, max_points_per_centroid=10_000_000)
+    km.train(x.numpy())
+    assert torch.equal(ids, torch.from_numpy(km.index.search(x.numpy(), 1)[1][:, 0]))

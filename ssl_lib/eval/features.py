@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ssl_lib import console
+from ssl_lib.distributed import comm_device
 from ssl_lib.files import atomic_write
 
 # Rows sent per all_gather call, which bounds the communication buffers on each device.
@@ -109,11 +110,8 @@ def extract_features(
     # Concatenating outside inference mode gives ordinary tensors that callers may edit in place.
     feats, labels, indices = (torch.cat(parts) for parts in batches)
     if distributed:
-        comm_device = torch.device("cpu")
-        if dist.get_backend() == "nccl":
-            comm_device = torch.device("cuda", torch.cuda.current_device())
         feats, labels, indices = (
-            _all_gather_rows(t, comm_device) for t in (feats, labels, indices)
+            _all_gather_rows(t, comm_device()) for t in (feats, labels, indices)
         )
     return _dedup_by_index(feats, labels, indices)
 

@@ -1,53 +1,37 @@
-"""Exact k-nearest-neighbour classification on precomputed features.
+"""kNN classification on precomputed features: votes and accuracies.
 
-The search is chunked over both the bank and the queries and keeps a running top-k per query, so
-no ``queries x bank`` similarity matrix is ever materialised: besides the ``Q x k`` results, the
-extra memory is one ``query_chunk x bank_chunk`` block of float32 similarities, one float32 copy
-of a bank chunk (only when the bank is not already float32 on the compute device) and one
-float32 query chunk. All votes for every requested ``k`` and temperature are derived from a
-single top-``max(k)`` search.
-
-Similarities are inner products: :func:`knn_topk` expects L2-normalised rows (cosine similarity)
-and does not renormalise; :func:`knn_evaluate` normalises its inputs unless they already are.
+The neighbours come from one exact top-``max(k)`` search
+(:func:`ssl_lib.memory.search.knn_topk`, chunked over the bank and the queries, so no
+``queries x bank`` similarity matrix is ever materialised); every requested ``k``, vote and
+temperature is derived from that single result. Similarities are inner products:
+:func:`knn_evaluate` L2-normalises its inputs unless they already are, so they are cosine
+similarities.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from ssl_lib.memory.search import (
+    DEFAULT_BANK_CHUNK,
+    DEFAULT_QUERY_CHUNK,
+    SearchCase,
+    check_features,
+    knn_topk,
+    resolve_backend,
+    row_chunks,
+)
+
 Backend = Literal["auto", "torch", "faiss"]
 Vote = Literal["majority", "weighted"]
 
-DEFAULT_QUERY_CHUNK = 1024
-DEFAULT_BANK_CHUNK = 16384
-# Rows per step when validating or normalising features, and queries per step when voting.
+# Queries per step when voting, and rows per step when normalising features.
 _ROW_CHUNK = 8192
 _NORM_TOL = 1e-3
-
-BlockSearch = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]
-
-
-def _row_chunks(x: Tensor, chunk: int) -> Iterator[tuple[int, Tensor]]:
-    for start in range(0, x.shape[0], chunk):
-        yield start, x[start : start + chunk]
-
-
-def _check_features(x: Tensor, name: str) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D (rows x dim) tensor, got shape {tuple(x.shape)}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    for start, rows in _row_chunks(x, _ROW_CHUNK):
-        bad = ~torch.isfinite(rows).all(dim=1)
-        if bad.any():
-            row = start + int(bad.nonzero()[0])
-            raise ValueError(f"{name} contains NaN or infinite values (first at row {row})")
 
 
 def _check_labels(labels: Tensor, rows: int, num_classes: int, name: str) -> None:
@@ -73,139 +57,14 @@ def l2_normalize_rows(x: Tensor) -> Tensor:
     tol = max(_NORM_TOL, 4 * torch.finfo(x.dtype).eps)
     normalised = all(
         bool(((rows.float().norm(dim=1) - 1).abs() <= tol).all())
-        for _, rows in _row_chunks(x, _ROW_CHUNK)
+        for _, rows in row_chunks(x, _ROW_CHUNK)
     )
     if normalised:
         return x
     out = torch.empty_like(x)
-    for start, rows in _row_chunks(x, _ROW_CHUNK):
+    for start, rows in row_chunks(x, _ROW_CHUNK):
         out[start : start + rows.shape[0]] = torch.nn.functional.normalize(rows.float(), dim=1)
     return out
-
-
-def _torch_block(queries: Tensor, bank: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    sims = torch.mm(queries, bank.T)
-    return torch.topk(sims, k, dim=1)
-
-
-def _faiss_cpu_block(queries: Tensor, bank: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    import faiss
-
-    sims, idx = faiss.knn(
-        queries.contiguous().numpy(),
-        bank.contiguous().numpy(),
-        k,
-        metric=faiss.METRIC_INNER_PRODUCT,
-    )
-    return torch.from_numpy(sims), torch.from_numpy(idx)
-
-
-def _faiss_gpu_block_fn(device: torch.device) -> BlockSearch:
-    """Brute-force block search on one GPU via ``faiss.knn_gpu`` (needs a faiss GPU build).
-
-    The bank chunk is passed in its storage dtype (float16/bfloat16 are read natively); FAISS
-    GPU limits k to 2048. Not exercised by the test-suite, which runs on CPU-only machines.
-    """
-    import faiss
-    import faiss.contrib.torch_utils  # noqa: F401  (lets knn_gpu take CUDA tensors)
-
-    resources = faiss.StandardGpuResources()
-    gpu = device.index if device.index is not None else torch.cuda.current_device()
-
-    def block(queries: Tensor, bank: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        sims = torch.empty(queries.shape[0], k, device=device, dtype=torch.float32)
-        idx = torch.empty(queries.shape[0], k, device=device, dtype=torch.int64)
-        faiss.knn_gpu(
-            resources,
-            queries.contiguous(),
-            bank.contiguous(),
-            k,
-            D=sims,
-            I=idx,
-            metric=faiss.METRIC_INNER_PRODUCT,
-            device=gpu,
-        )
-        return sims, idx
-
-    return block
-
-
-def resolve_backend(backend: Backend) -> str:
-    """Validate ``backend`` and resolve ``auto``.
-
-    ``auto`` is torch on every device: on the 2-core reference CPU the chunked GEMM + ``topk``
-    took 13.2-13.4 s of CPU time for the 10 000 x 50 000 x 512 benchmark search against
-    15.4-17.5 s for ``faiss.knn`` (see ``benchmarks/README.md``), and on GPUs it needs no FAISS
-    GPU build. ``faiss`` stays available for CPU tensors and, with a GPU build, CUDA tensors.
-    """
-    if backend == "auto":
-        return "torch"
-    if backend not in ("torch", "faiss"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'faiss', got {backend!r}")
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        raise ValueError("backend='faiss' needs the faiss package (faiss-cpu)") from None
-    return backend
-
-
-def knn_topk(
-    bank: Tensor,
-    queries: Tensor,
-    k: int,
-    *,
-    backend: Backend = "auto",
-    query_chunk: int = DEFAULT_QUERY_CHUNK,
-    bank_chunk: int = DEFAULT_BANK_CHUNK,
-) -> tuple[Tensor, Tensor]:
-    """Exact top-``k`` inner-product search of ``queries`` (Q x D) against ``bank`` (N x D).
-
-    Rows should be L2-normalised so that scores are cosine similarities; they are not
-    renormalised here. The bank may be stored in float16/bfloat16 and may live on the CPU while
-    the queries live on a GPU: each bank chunk is moved to the queries' device and cast to
-    float32 once. Returns ``(sims, idx)`` on the queries' device, float32 and int64 of shape
-    ``Q x k``, sorted by decreasing similarity.
-    """
-    _check_features(bank, "bank")
-    _check_features(queries, "queries")
-    if bank.shape[1] != queries.shape[1]:
-        raise ValueError(
-            f"feature dimension mismatch: bank has {bank.shape[1]}, queries have {queries.shape[1]}"
-        )
-    if not 1 <= k <= bank.shape[0]:
-        raise ValueError(f"k={k} must be between 1 and the bank size ({bank.shape[0]} rows)")
-    if query_chunk < 1 or bank_chunk < 1:
-        raise ValueError(f"chunk sizes must be positive, got {query_chunk=} {bank_chunk=}")
-
-    device = queries.device
-    name = resolve_backend(backend)
-    if name == "torch":
-        block = _torch_block
-    elif device.type == "cuda":
-        block = _faiss_gpu_block_fn(device)
-    elif device.type == "cpu":
-        block = _faiss_cpu_block
-    else:
-        raise ValueError(f"backend='faiss' supports CPU or CUDA tensors, got {device}")
-    keep_bank_dtype = name == "faiss" and device.type == "cuda"  # knn_gpu reads fp16 directly
-
-    num_q = queries.shape[0]
-    top_sims = torch.empty(num_q, 0, device=device, dtype=torch.float32)
-    top_idx = torch.empty(num_q, 0, device=device, dtype=torch.int64)
-    for b_start, b_rows in _row_chunks(bank, bank_chunk):
-        b_rows = b_rows.to(device, None if keep_bank_dtype else torch.float32)
-        kk = min(k, b_rows.shape[0])
-        new_sims, new_idx = [], []
-        for q_start, q_rows in _row_chunks(queries, query_chunk):
-            sims, idx = block(q_rows.float(), b_rows, kk)
-            cand_sims = torch.cat([top_sims[q_start : q_start + q_rows.shape[0]], sims], dim=1)
-            cand_idx = torch.cat([top_idx[q_start : q_start + q_rows.shape[0]], idx + b_start], 1)
-            keep = min(k, cand_sims.shape[1])
-            sims, pos = torch.topk(cand_sims, keep, dim=1)
-            new_sims.append(sims)
-            new_idx.append(torch.gather(cand_idx, 1, pos))
-        top_sims, top_idx = torch.cat(new_sims), torch.cat(new_idx)
-    return top_sims, top_idx
 
 
 def _rank_ties_at_random(scores: Tensor, ncols: int, generator: torch.Generator) -> Tensor:
@@ -286,7 +145,7 @@ def knn_classify(
     for k in dict.fromkeys(ks):
         generator = torch.Generator(device=idx.device).manual_seed(seed)
         ranked = []
-        for start, rows_idx in _row_chunks(idx, _ROW_CHUNK):
+        for start, rows_idx in row_chunks(idx, _ROW_CHUNK):
             neighbour_labels = labels[rows_idx[:, :k]]
             scores = torch.zeros(
                 rows_idx.shape[0], num_classes, dtype=torch.float64, device=idx.device
@@ -351,9 +210,11 @@ def knn_evaluate(
     may be float16/bfloat16); ``train_labels`` (N,) and ``test_labels`` (Q,) are integer labels
     in ``[0, num_classes)``; ``num_classes`` defaults to the largest label + 1. Features are
     L2-normalised here unless their rows already have unit norm. One search for ``max(ks)``
-    neighbours serves every vote, ``k`` and temperature. Result keys look like
+    neighbours (:func:`~ssl_lib.memory.search.knn_topk` with ``backend``, ``query_chunk`` and
+    ``bank_chunk``) serves every vote, ``k`` and temperature. Result keys look like
     ``"majority/k=20/top1"`` and ``"weighted/k=200/T=0.1/top5"``; the settings used are stored
-    alongside, so the dict can be written to JSON as is.
+    alongside (``backend`` is the one the search ran: ``auto`` reports its choice), so the dict
+    can be written to JSON as is.
 
     Accuracies come from the votes only (see :func:`knn_classify`): a query is a top-n hit when
     its label received at least one vote and is among the ``n`` best-scored classes, so a class
@@ -366,8 +227,8 @@ def knn_evaluate(
     ``ks`` or ``votes``, an unknown vote, a ``k`` larger than the bank, or a weighted vote
     without temperatures.
     """
-    _check_features(train_feats, "train_feats")
-    _check_features(test_feats, "test_feats")
+    check_features(train_feats, "train_feats")
+    check_features(test_feats, "test_feats")
     if train_feats.shape[1] != test_feats.shape[1]:
         raise ValueError(
             f"feature dimension mismatch: train_feats has {train_feats.shape[1]}, "
@@ -398,6 +259,10 @@ def knn_evaluate(
     sims, idx = knn_topk(
         bank, queries, max(ks), backend=backend, query_chunk=query_chunk, bank_chunk=bank_chunk
     )
+    case = SearchCase.of(
+        bank, queries.shape[0], max(ks), queries.device, bank_chunk, query_chunk, "ip"
+    )
+    used_backend = resolve_backend(backend, case) or backend
     topn = min(5, num_classes)
     results: dict[str, float | int | str | list | None] = {}
     for vote in votes:
@@ -425,7 +290,7 @@ def knn_evaluate(
         dim=train_feats.shape[1],
         num_classes=num_classes,
         bank_dtype=str(train_feats.dtype).removeprefix("torch."),
-        backend=resolve_backend(backend),
+        backend=used_backend,
         ks=[int(k) for k in ks],
         temperatures=[float(t) for t in temperatures],
         votes=list(votes),

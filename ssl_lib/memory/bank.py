@@ -8,7 +8,13 @@ import torch
 from torch import Tensor, nn
 
 from ssl_lib.distributed import all_gather_concat
-from ssl_lib.memory.search import BACKENDS, Constraint, SearchResult, search
+from ssl_lib.memory.search import (
+    Constraint,
+    SearchResult,
+    check_backend,
+    choose_backend,
+    search,
+)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -71,8 +77,7 @@ class MemoryBank(nn.Module):
         super().__init__()
         if size < 1 or dim < 1:
             raise ValueError(f"size and dim must be >= 1, got size={size}, dim={dim}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
+        check_backend(backend)
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; accepted: {', '.join(INITS)}")
         if chunk_size < 1:
@@ -236,6 +241,18 @@ class MemoryBank(nn.Module):
             chunk_size=self.chunk_size,
             mask_fn=mask_fn,
             strict=strict,
+        )
+
+    def choose_backend(self, num_queries: int, k: int) -> str:
+        """Settle the search backend for ``num_queries`` queries and ``k`` neighbours now.
+
+        With ``backend="auto"`` the kernels are timed on the bank's own rows (see
+        :func:`~ssl_lib.memory.search.choose_backend`), and later searches of that shape use the
+        choice. Under DDP this is a collective that every rank must call at the same point;
+        rank 0's choice applies everywhere. Returns ``"torch"`` or ``"faiss"``.
+        """
+        return choose_backend(
+            self.embeddings, num_queries, k, backend=self.backend, chunk_size=self.chunk_size
         )
 
     def knn(

@@ -1,38 +1,84 @@
-"""Exact k-nearest-neighbour search by inner product, with optional per-query constraints.
+"""Exact top-``k`` nearest-neighbour search: the one search behind the memory bank, the kNN
+evaluator and k-means assignment.
+
+Scores are float32 whatever the storage dtype: inner products (``metric="ip"``, cosine
+similarities when rows and queries are L2-normalised) or negated squared Euclidean distances
+(``metric="l2"``, k-means assignment). Results are sorted by descending score.
+
+Chunking and devices
+--------------------
+The bank is read in chunks of ``chunk_size`` rows (outer loop) and the queries in chunks of
+``query_chunk`` rows (inner loop; ``None`` = all queries at once). Each bank chunk is moved to
+the queries' device and cast to float32 once, so a bank kept in host memory can serve queries on
+a GPU; a float32 bank on the queries' device is read in place. Every (query chunk, bank chunk)
+block keeps its top-``k`` and merges it into a running top-``k`` per query. Besides the
+``Q x k`` results the search holds one ``query_chunk x chunk_size`` float32 score block (on CPU a
+scratch buffer of up to 256 MiB reused between calls), one float32 bank chunk when the bank is
+stored in fp16/bf16 or elsewhere, and one merge of ``query_chunk x 2k`` candidates. Results live
+on the queries' device.
 
 Backends
 --------
 ``torch``
-    Chunked ``queries @ chunk.T`` followed by ``topk`` per chunk and a running top-k merge. Peak
-    extra memory is one ``B x chunk_size`` float32 score block (plus a float32 copy of the chunk
-    when the bank is stored in fp16/bf16).
+    ``torch.mm`` into the score block, then ``topk`` (``max`` for ``k = 1``, so the lowest row
+    index wins exact ties, like ``argmax``).
 ``faiss``
-    Exact brute force in faiss. On CPU ``faiss.knn`` (inner-product metric) runs directly on the
-    bank's memory when it is stored in float32; fp16/bf16 banks are converted chunk by chunk.
-    On CUDA tensors with a GPU build of faiss, ``faiss.bfKnn`` runs on the tensor memory itself.
-    faiss cannot mask, so constrained searches always use the torch backend.
+    ``faiss.knn`` per block on CPU tensors; ``faiss.knn_gpu`` on CUDA tensors with a GPU build of
+    faiss (it reads the CUDA memory in place on PyTorch's current stream; ``k <= 2048``).
+    faiss cannot mask, so constrained searches and :func:`search_blocks` always run ``torch``.
 ``auto``
-    ``torch`` on every device. On the 2-core x86 CPU used for ``docs/memory_bank.md``, faiss's
-    search was faster than the torch path only at D=512 on an otherwise idle machine, and 2-3x
-    slower whenever other work shared the cores (faiss runs its own OpenMP/OpenBLAS thread pool
-    next to PyTorch's, which a training process always has busy). On CUDA, cuBLAS GEMM + ``topk``
-    is used; faiss-GPU timings have not been measured. Use ``backend="faiss"`` explicitly to opt in.
+    The faster of the two for the case at hand, measured once per process and case: device,
+    bank rows, dimension, storage dtype, rows per query chunk, ``chunk_size``, ``k`` and metric.
+    The first search of a case times both kernels on its own full-size blocks (three blocks
+    each, in the order torch, faiss, faiss, torch, torch, faiss; searches with fewer blocks
+    repeat their first one), keeps the results, and picks faiss when its median block time is
+    below ``AUTO_MARGIN`` (0.9) times torch's, so noise does not flip the choice. The choice is
+    cached and logged once (logger ``ssl_lib.memory.search``, level INFO). ``auto`` is ``torch``
+    without timing when faiss is not installed or cannot serve the device (CUDA without a GPU
+    build of faiss, ``k > 2048`` on CUDA), when a block has fewer than ``AUTO_MIN_BLOCK_MACS``
+    (2^24) multiply-adds (faiss's per-call overhead dominates and the timing is noise), and in a
+    process group of more than one process: timings differ between processes, and processes
+    must search alike. There :func:`choose_backend`, which every process calls at the same point
+    (``SSLMethod.on_train_start`` does for each bank a training step searches), times on every
+    process and applies rank 0's choice everywhere.
 
-Similarities are plain inner products in float32; they are cosine similarities when the bank
-rows and the queries are L2-normalised.
+    Why time: on a 2-core CPU, for K = 131,072, D = 512, B = 256, k = 5, ``faiss.knn`` took
+    191 ms against 338 ms for the bare matmul on an idle machine, but in the MSF bank step under
+    load faiss cost 2.5-4.7x the matmul and torch 1.0-1.3x (faiss's OpenMP pool competes with
+    PyTorch's); see ``benchmarks/README.md``. Choices may therefore differ between machines and
+    runs; the backends agree up to the order of near-tied rows, so set ``torch`` or ``faiss``
+    explicitly where a run must repeat bit for bit on another machine.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import statistics
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from ssl_lib.distributed import all_gather_concat, comm_device, world_size
+
+log = logging.getLogger(__name__)
+
 BACKENDS = ("auto", "torch", "faiss")
+METRICS = ("ip", "l2")
+AUTO_MARGIN = 0.9
+AUTO_MIN_BLOCK_MACS = 2**24
+FAISS_GPU_MAX_K = 2048
+DEFAULT_QUERY_CHUNK = 1024
+DEFAULT_BANK_CHUNK = 16384
+# Order of the timed blocks: each backend runs first once and follows the other twice.
+_TIMING_ORDER = ("torch", "faiss", "faiss", "torch", "torch", "faiss")
+# Rows per step when validating features.
+_ROW_CHUNK = 8192
+
 MaskFn = Callable[[int, int], Tensor]
 """``mask_fn(start, end)`` -> bool ``B x (end - start)``: True where bank row is allowed."""
 
@@ -218,50 +264,152 @@ def faiss_gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources")
 
 
-def resolve_backend(backend: str, device: torch.device, masked: bool) -> str:
-    """Concrete backend (``"torch"`` or ``"faiss"``) for a search; see the module docstring."""
+def check_backend(backend: str) -> None:
+    """Raise ``ValueError`` unless ``backend`` is one of :data:`BACKENDS`."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
-    if backend != "faiss" or masked:
-        return "torch"
+
+
+def row_chunks(x: Tensor, chunk: int) -> Iterator[tuple[int, Tensor]]:
+    """``(first row, rows)`` of ``x`` in steps of ``chunk`` rows (views, no copies)."""
+    for start in range(0, x.shape[0], chunk):
+        yield start, x[start : start + chunk]
+
+
+def check_features(x: Tensor, name: str) -> None:
+    """Raise ``ValueError`` unless ``x`` is a non-empty 2-D floating-point tensor of finite values.
+
+    The message names ``name`` and, for NaN or infinite values, the first bad row.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D (rows x dim) tensor, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    for start, rows in row_chunks(x, _ROW_CHUNK):
+        bad = ~torch.isfinite(rows).all(dim=1)
+        if bad.any():
+            row = start + int(bad.nonzero()[0])
+            raise ValueError(f"{name} contains NaN or infinite values (first at row {row})")
+
+
+# --------------------------------------------------------------------------- the auto rule
+@dataclass(frozen=True)
+class SearchCase:
+    """What the speed of a search depends on; the key under which ``auto``'s choice is kept.
+
+    ``query_rows`` and ``chunk_rows`` are the rows of one full block (the first query chunk and
+    the first bank chunk).
+    """
+
+    device: str
+    bank_rows: int
+    dim: int
+    dtype: str
+    query_rows: int
+    chunk_rows: int
+    k: int
+    metric: str
+
+    @classmethod
+    def of(
+        cls,
+        bank: Tensor,
+        num_queries: int,
+        k: int,
+        device: torch.device,
+        chunk_size: int,
+        query_chunk: int | None,
+        metric: str,
+    ) -> SearchCase:
+        """The case of searching ``num_queries`` queries on ``device`` in ``bank``."""
+        rows, dim = bank.shape
+        query_rows = num_queries if query_chunk is None else min(num_queries, query_chunk)
+        dtype = str(bank.dtype).removeprefix("torch.")
+        return cls(str(device), rows, dim, dtype, query_rows, min(rows, chunk_size), k, metric)
+
+    @property
+    def block_macs(self) -> int:
+        """Multiply-adds of one full block."""
+        return self.query_rows * self.chunk_rows * self.dim
+
+    def describe(self) -> str:
+        """One line for the log."""
+        return (
+            f"{self.query_rows} queries x {self.bank_rows} rows x {self.dim} dims "
+            f"({self.dtype}, chunks of {self.chunk_rows}), k={self.k}, metric={self.metric}, "
+            f"{self.device}"
+        )
+
+
+_CHOICES: dict[SearchCase, str] = {}
+_NOTED: set[SearchCase] = set()
+
+
+def _faiss_unusable(device: torch.device, k: int) -> str | None:
+    """Why faiss cannot run this search, or ``None`` when it can."""
     if not faiss_available():
-        raise ValueError("backend 'faiss' requested but faiss is not installed")
-    if device.type == "cuda" and not faiss_gpu_available():
-        raise ValueError("backend 'faiss' on CUDA tensors needs a GPU build of faiss")
-    return "faiss"
+        return "needs the faiss package (faiss-cpu, or faiss-gpu for CUDA tensors)"
+    if device.type == "cuda":
+        if not faiss_gpu_available():
+            return "on CUDA tensors needs a GPU build of faiss"
+        if k > FAISS_GPU_MAX_K:
+            return f"on CUDA supports k <= {FAISS_GPU_MAX_K} (faiss's GPU limit), got k={k}"
+    elif device.type != "cpu":
+        return f"supports CPU or CUDA tensors, got {device}"
+    return None
 
 
-class _RunningTopK:
-    """Top-k (largest) over column blocks seen one after another."""
+def resolve_backend(
+    backend: str, case: SearchCase, *, masked: bool = False, may_time: bool | None = None
+) -> str | None:
+    """The backend a search of ``case`` runs: ``"torch"``, ``"faiss"``, or ``None`` when
+    ``auto`` has to be timed first (see the module docstring for the rule).
 
-    def __init__(self, k: int) -> None:
-        self.k = k
-        self.values: Tensor | None = None
-        self.indices: Tensor | None = None
+    ``may_time`` (default: True in a single process) says whether this process may time on its
+    own. Raises ``ValueError`` for an unknown backend, or for ``faiss`` where faiss cannot run
+    (not installed, CUDA tensors without a GPU build, ``k > 2048`` on CUDA, another device).
+    Constrained (``masked``) searches always run torch.
+    """
+    check_backend(backend)
+    if backend == "torch" or masked:
+        return "torch"
+    why_not = _faiss_unusable(torch.device(case.device), case.k)
+    if backend == "faiss":
+        if why_not:
+            raise ValueError(f"backend 'faiss' {why_not}")
+        return "faiss"
+    if why_not or case.block_macs < AUTO_MIN_BLOCK_MACS:
+        return "torch"
+    if case in _CHOICES:
+        return _CHOICES[case]
+    if may_time is None:
+        may_time = world_size() == 1
+    if may_time:
+        return None
+    if case not in _NOTED:
+        _NOTED.add(case)
+        log.info(
+            "search backend auto for %s: torch (%d processes and no choice made by "
+            "choose_backend, which all processes call together)",
+            case.describe(),
+            world_size(),
+        )
+    return "torch"
 
-    def add_scores(self, scores: Tensor, start: int) -> None:
-        values, idx = scores.topk(min(self.k, scores.shape[1]), dim=1)
-        self.add(values, idx + start)
 
-    def add(self, values: Tensor, indices: Tensor) -> None:
-        if self.values is None:
-            self.values, self.indices = values, indices
-            return
-        values = torch.cat([self.values, values], dim=1)
-        indices = torch.cat([self.indices, indices], dim=1)
-        self.values, pos = values.topk(min(self.k, values.shape[1]), dim=1)
-        self.indices = indices.gather(1, pos)
+def _remember(case: SearchCase, name: str, times: dict[str, list[float]], note: str = "") -> None:
+    _CHOICES[case] = name
+    if times["torch"]:
+        ms = {b: f"{1e3 * statistics.median(t):.2f}" for b, t in times.items()}
+        how = f"median ms per block: torch {ms['torch']}, faiss {ms['faiss']}"
+    else:
+        how = "not timed"
+    log.info("search backend auto for %s: %s (%s)%s", case.describe(), name, how, note)
 
 
-def _blocks(bank: Tensor, chunk_size: int, whole_if_fp32: bool = False):
-    """Yield ``(start, float32 block)``; the whole bank at once when allowed and already fp32."""
-    if whole_if_fp32 and bank.dtype == torch.float32:
-        yield 0, bank
-        return
-    for start in range(0, bank.shape[0], chunk_size):
-        yield start, bank[start : start + chunk_size].float()
-
-
+# --------------------------------------------------------------------------- kernels
 _CPU_WORKSPACE: dict[str, Tensor] = {}
 _CPU_WORKSPACE_MAX = 64 * 2**20  # elements (256 MiB of float32)
 
@@ -281,47 +429,48 @@ def _score_buffer(rows: int, cols: int, device: torch.device) -> Tensor:
     return buf[: rows * cols].view(rows, cols)
 
 
-def _scores(q: Tensor, block: Tensor) -> Tensor:
-    """``q @ block.T`` written into the scratch buffer."""
-    return torch.mm(q, block.T, out=_score_buffer(q.shape[0], block.shape[0], q.device))
+def _scores(q: Tensor, rows: Tensor, metric: str) -> Tensor:
+    """Ranking scores ``B x R``: ``q . r``, or ``q . r - |r|^2 / 2`` for ``l2`` (same order as
+    ``-|q - r|^2`` for a fixed query; :func:`_select` converts the kept ones)."""
+    scores = torch.mm(q, rows.T, out=_score_buffer(q.shape[0], rows.shape[0], q.device))
+    if metric == "l2":
+        scores.sub_(0.5 * rows.square().sum(dim=1))
+    return scores
 
 
-def _torch_search(bank: Tensor, q: Tensor, k: int, chunk_size: int) -> tuple[Tensor, Tensor]:
-    return search_blocks(_blocks(bank, chunk_size), q, k)
+def _top(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-``k`` per row; for ``k = 1`` the first maximum (lowest column) like ``argmax``."""
+    if k == 1:
+        return values.max(dim=1, keepdim=True)
+    return values.topk(k, dim=1)
 
 
-@torch.no_grad()
-def search_blocks(blocks: Iterable[tuple], queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Exact top-``k`` inner products of ``queries`` over rows given block by block.
-
-    ``blocks`` yields ``(first_row, rows)`` or ``(first_row, rows, allowed)``: float32 rows on
-    the queries' device, e.g. assembled on the fly from a cache that is never materialised whole
-    (CMSF-2Q's second bank), and optionally a bool vector marking the rows that may be returned.
-    Returns ``(similarities, indices)`` (B x k, descending); slots without an allowed row have
-    similarity -inf. ``k`` larger than the number of rows returns all rows.
-    """
-    top = _RunningTopK(k)
-    q = queries.detach().float().contiguous()
-    for start, block, *allowed in blocks:
-        scores = _scores(q, block)
-        if allowed:
-            scores = scores.masked_fill(~allowed[0].view(1, -1), float("-inf"))
-        top.add_scores(scores, start)
-    if top.values is None:
-        raise ValueError("search_blocks got no rows to search")
-    return top.values, top.indices
+def _select(scores: Tensor, k: int, q: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+    """Top-``k`` of a score block as (similarities, columns)."""
+    values, idx = _top(scores, k)
+    if metric == "l2":
+        values = 2 * values - q.square().sum(dim=1, keepdim=True)
+    return values, idx
 
 
-def _faiss_cpu_search(bank: Tensor, q: Tensor, k: int, chunk_size: int) -> tuple[Tensor, Tensor]:
+def _torch_kernel(q: Tensor, rows: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
+    return _select(_scores(q, rows, metric), k, q, metric)
+
+
+def _faiss_metric(metric: str):
     import faiss
 
-    top = _RunningTopK(k)
-    q_np = q.numpy()
-    for start, block in _blocks(bank, chunk_size, whole_if_fp32=True):
-        kk = min(k, block.shape[0])
-        d, i = faiss.knn(q_np, block.contiguous().numpy(), kk, metric=faiss.METRIC_INNER_PRODUCT)
-        top.add(torch.from_numpy(d), torch.from_numpy(i) + start)
-    return top.values, top.indices
+    return faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+
+
+def _faiss_cpu_kernel(q: Tensor, rows: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
+    import faiss
+
+    sims, idx = faiss.knn(
+        q.contiguous().numpy(), rows.contiguous().numpy(), k, metric=_faiss_metric(metric)
+    )
+    sims = torch.from_numpy(sims)
+    return (sims if metric == "ip" else sims.neg_()), torch.from_numpy(idx)
 
 
 @functools.cache
@@ -331,69 +480,225 @@ def _gpu_resources():
     return faiss.StandardGpuResources()
 
 
-def _faiss_gpu_search(bank: Tensor, q: Tensor, k: int, chunk_size: int) -> tuple[Tensor, Tensor]:
-    # Not exercised by the test suite (no GPU build of faiss on the test machine). It follows
-    # faiss.contrib.torch_utils: bfKnn reads the CUDA tensors in place and runs on PyTorch's
-    # current stream, so nothing is copied to the host. fp16/bf16 banks are converted to fp32 per
-    # chunk so that the arithmetic is float32 like the other backends.
+def _faiss_gpu_kernel(q: Tensor, rows: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
+    # Not run by the test suite (no GPU build of faiss on its machine).
     import faiss
-    from faiss.contrib import torch_utils
+    import faiss.contrib.torch_utils  # noqa: F401  (lets knn_gpu take CUDA tensors in place)
 
-    if k > 2048:  # faiss GPU k-selection limit
-        return _torch_search(bank, q, k, chunk_size)
-    res = _gpu_resources()
-    top = _RunningTopK(k)
-    with torch.cuda.device(bank.device):
-        for start, block in _blocks(bank, chunk_size, whole_if_fp32=True):
-            block = block.contiguous()
-            kk = min(k, block.shape[0])
-            dist = torch.empty(q.shape[0], kk, device=q.device, dtype=torch.float32)
-            idx = torch.empty(q.shape[0], kk, device=q.device, dtype=torch.int64)
-            args = faiss.GpuDistanceParams()
-            args.metric = faiss.METRIC_INNER_PRODUCT
-            args.k = kk
-            args.dims = q.shape[1]
-            args.vectors = torch_utils.swig_ptr_from_FloatTensor(block)
-            args.vectorsRowMajor = True
-            args.vectorType = faiss.DistanceDataType_F32
-            args.numVectors = block.shape[0]
-            args.queries = torch_utils.swig_ptr_from_FloatTensor(q)
-            args.queriesRowMajor = True
-            args.queryType = faiss.DistanceDataType_F32
-            args.numQueries = q.shape[0]
-            args.outDistances = torch_utils.swig_ptr_from_FloatTensor(dist)
-            args.outIndices = torch_utils.swig_ptr_from_IndicesTensor(idx)
-            args.outIndicesType = faiss.IndicesDataType_I64
-            args.device = bank.device.index if bank.device.index is not None else -1
-            with torch_utils.using_stream(res):
-                faiss.bfKnn(res, args)
-            top.add(dist, idx + start)
-    return top.values, top.indices
+    sims = torch.empty(q.shape[0], k, device=q.device, dtype=torch.float32)
+    idx = torch.empty(q.shape[0], k, device=q.device, dtype=torch.int64)
+    gpu = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    faiss.knn_gpu(
+        _gpu_resources(),
+        q.contiguous(),
+        rows.contiguous(),
+        k,
+        D=sims,
+        I=idx,
+        metric=_faiss_metric(metric),
+        device=gpu,
+    )
+    return (sims if metric == "ip" else sims.neg_()), idx
 
 
-def _masked_search(
-    bank: Tensor, q: Tensor, k: int, chunk_size: int, mask_fn: MaskFn, strict: bool
-) -> SearchResult:
-    allowed = _RunningTopK(k)
-    fallback = None if strict else _RunningTopK(k)
+def _kernel(name: str, device: torch.device) -> Callable[..., tuple[Tensor, Tensor]]:
+    if name == "torch":
+        return _torch_kernel
+    return _faiss_gpu_kernel if device.type == "cuda" else _faiss_cpu_kernel
+
+
+# --------------------------------------------------------------------------- the search loop
+class _RunningTopK:
+    """Top-``k`` (largest) over column blocks seen one after another."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.values: Tensor | None = None
+        self.indices: Tensor | None = None
+
+    def add(self, values: Tensor, indices: Tensor) -> None:
+        if self.values is None:
+            self.values, self.indices = values, indices
+            return
+        values = torch.cat([self.values, values], dim=1)
+        indices = torch.cat([self.indices, indices], dim=1)
+        self.values, pos = _top(values, min(self.k, values.shape[1]))
+        self.indices = indices.gather(1, pos)
+
+
+class _Kernels:
+    """Which kernel computes each unmasked block; times both while ``auto`` is undecided."""
+
+    def __init__(self, name: str | None, full: tuple[int, int], device: torch.device) -> None:
+        self.name = name
+        self.full = full
+        self.device = device
+        self.todo = list(_TIMING_ORDER) if name is None else []
+        self.times: dict[str, list[float]] = {"torch": [], "faiss": []}
+        self.first: tuple[Tensor, Tensor, int, str] | None = None
+
+    def run(self, q: Tensor, rows: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
+        if not self.todo or (q.shape[0], rows.shape[0]) != self.full:
+            return _kernel(self.name or "torch", self.device)(q, rows, k, metric)
+        if self.first is None:
+            self.first = (q, rows, k, metric)
+        return self._timed(self.todo.pop(0), q, rows, k, metric)
+
+    def _timed(self, name: str, q: Tensor, rows: Tensor, k: int, metric: str):
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        out = _kernel(name, self.device)(q, rows, k, metric)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        self.times[name].append(time.perf_counter() - start)
+        if not self.todo:
+            self.name = self.decide()
+        return out
+
+    def finish(self) -> None:
+        """Complete the timing on the first full block when the search had too few of them."""
+        while self.todo:
+            self._timed(self.todo.pop(0), *self.first)
+
+    def decide(self) -> str:
+        torch_s = statistics.median(self.times["torch"])
+        faiss_s = statistics.median(self.times["faiss"])
+        return "faiss" if faiss_s < AUTO_MARGIN * torch_s else "torch"
+
+
+Block = tuple  # (first row, float32 rows on the queries' device[, bool mask])
+
+
+def _run(
+    blocks: Iterable[Block],
+    q: Tensor,
+    k: int,
+    *,
+    query_chunk: int | None,
+    kernels: _Kernels,
+    metric: str = "ip",
+    keep_disallowed: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Running top-``k`` of ``q`` over ``blocks``.
+
+    A block's optional mask is bool, ``(rows,)`` for every query or ``(Q, rows)``; masked
+    blocks are scored by torch, with disallowed rows at -inf. Returns ``(values, indices,
+    other_values, other_indices)``: the top-``k`` allowed rows (slots without one have value
+    -inf and an arbitrary row index) and, with ``keep_disallowed``, the top-``k`` disallowed
+    rows (else ``None``).
+    """
+    step = q.shape[0] if query_chunk is None else query_chunk
+    spans = [(a, min(a + step, q.shape[0])) for a in range(0, q.shape[0], step)]
+    allowed = [_RunningTopK(k) for _ in spans]
+    others = [_RunningTopK(k) for _ in spans] if keep_disallowed else None
     neg_inf = float("-inf")
-    for start, block in _blocks(bank, chunk_size):
-        scores = _scores(q, block)
-        mask = mask_fn(start, start + block.shape[0]).to(scores.device)
-        allowed.add_scores(scores.masked_fill(~mask, neg_inf), start)
-        if fallback is not None:
-            fallback.add_scores(scores.masked_fill(mask, neg_inf), start)
-    valid = torch.isfinite(allowed.values)
-    if fallback is None:
-        sims = allowed.values
-        idx = allowed.indices.masked_fill(~valid, -1)
-        return SearchResult(sims, idx, valid)
+    for start, rows, *mask in blocks:
+        kk = min(k, rows.shape[0])
+        for j, (a, b) in enumerate(spans):
+            qj = q[a:b]
+            if not mask:
+                values, idx = kernels.run(qj, rows, kk, metric)
+                allowed[j].add(values, idx + start)
+                continue
+            m = mask[0]
+            m = (m[a:b] if m.dim() == 2 else m.view(1, -1)).to(q.device)
+            scores = _scores(qj, rows, metric)
+            values, idx = _select(scores.masked_fill(~m, neg_inf), kk, qj, metric)
+            allowed[j].add(values, idx + start)
+            if others is not None:
+                values, idx = _select(scores.masked_fill(m, neg_inf), kk, qj, metric)
+                others[j].add(values, idx + start)
+    if allowed[0].values is None:
+        raise ValueError("the search got no bank rows")
+    kernels.finish()
+
+    def cat(tops: list[_RunningTopK]) -> tuple[Tensor, Tensor]:
+        return torch.cat([t.values for t in tops]), torch.cat([t.indices for t in tops])
+
+    values, indices = cat(allowed)
+    other_values, other_indices = cat(others) if others is not None else (None, None)
+    return values, indices, other_values, other_indices
+
+
+def _bank_blocks(bank: Tensor, chunk_size: int, device: torch.device, mask_fn: MaskFn | None):
+    for start, rows in row_chunks(bank, chunk_size):
+        rows = rows.to(device, torch.float32)
+        if mask_fn is None:
+            yield start, rows
+        else:
+            yield start, rows, mask_fn(start, start + rows.shape[0])
+
+
+def _check_search_args(bank: Tensor, queries: Tensor, k: int, chunk_size: int, query_chunk, metric):
+    num_rows, dim = bank.shape
+    if not 1 <= k <= num_rows:
+        raise ValueError(f"k must be in [1, {num_rows}] (the bank size), got {k}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if query_chunk is not None and query_chunk < 1:
+        raise ValueError(f"query_chunk must be >= 1, got {query_chunk}")
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; accepted: {', '.join(METRICS)}")
+    if queries.dim() != 2 or queries.shape[1] != dim:
+        raise ValueError(
+            f"queries must have shape (B, {dim}), got {tuple(queries.shape)} "
+            f"(expected dim {dim}, actual {queries.shape[-1]})"
+        )
+
+
+def _search(
+    bank: Tensor,
+    queries: Tensor,
+    k: int,
+    backend: str,
+    chunk_size: int,
+    query_chunk: int | None,
+    mask_fn: MaskFn | None,
+    strict: bool,
+    metric: str,
+    may_time: bool | None,
+) -> tuple[SearchResult, _Kernels, SearchCase]:
+    _check_search_args(bank, queries, k, chunk_size, query_chunk, metric)
+    q = queries.detach().float().contiguous()
+    case = SearchCase.of(bank, q.shape[0], k, q.device, chunk_size, query_chunk, metric)
+    name = resolve_backend(backend, case, masked=mask_fn is not None, may_time=may_time)
+    kernels = _Kernels(name, (case.query_rows, case.chunk_rows), q.device)
+    blocks = _bank_blocks(bank, chunk_size, q.device, mask_fn)
+    values, indices, other_values, other_indices = _run(
+        blocks,
+        q,
+        k,
+        query_chunk=query_chunk,
+        kernels=kernels,
+        metric=metric,
+        keep_disallowed=mask_fn is not None and not strict,
+    )
+    result = _result(values, indices, other_values, other_indices, masked=mask_fn is not None)
+    return result, kernels, case
+
+
+def _result(
+    values: Tensor,
+    indices: Tensor,
+    other_values: Tensor | None,
+    other_indices: Tensor | None,
+    masked: bool,
+) -> SearchResult:
+    """Assemble the result of :func:`_run`: strict when there are no disallowed rows kept."""
+    if not masked:
+        return SearchResult(values, indices, torch.ones_like(indices, dtype=torch.bool))
+    valid = torch.isfinite(values)
+    if other_values is None:
+        return SearchResult(values, indices.masked_fill(~valid, -1), valid)
     # Slot j takes the j-th allowed row while there are any, then the (j - n_valid)-th other row.
+    k = values.shape[1]
     n_valid = valid.sum(dim=1, keepdim=True)
-    slot = torch.arange(k, device=q.device).expand_as(valid)
+    slot = torch.arange(k, device=values.device).expand_as(valid)
     pick = torch.where(slot < n_valid, slot, slot - n_valid + k)
-    sims = torch.cat([allowed.values, fallback.values], dim=1).gather(1, pick)
-    idx = torch.cat([allowed.indices, fallback.indices], dim=1).gather(1, pick)
+    sims = torch.cat([values, other_values], dim=1).gather(1, pick)
+    idx = torch.cat([indices, other_indices], dim=1).gather(1, pick)
     return SearchResult(sims, idx, slot < n_valid)
 
 
@@ -405,32 +710,123 @@ def search(
     *,
     backend: str = "auto",
     chunk_size: int = 65536,
+    query_chunk: int | None = None,
     mask_fn: MaskFn | None = None,
     strict: bool = False,
+    metric: str = "ip",
 ) -> SearchResult:
-    """Exact top-``k`` inner-product search of ``queries`` (B x D) in ``bank`` (K x D).
+    """Exact top-``k`` search of ``queries`` (B x D, any float dtype) in ``bank`` (K x D).
 
-    Arithmetic is float32 whatever the bank's storage dtype. ``mask_fn`` restricts the allowed
-    rows per query (see :class:`Constraint` for the ranking of disallowed rows and ``strict``).
-    The result carries no gradient.
+    Chunking, devices, backends and the ``auto`` rule are described in the module docstring;
+    results (float32 scores, int64 row indices, ``B x k``) are on the queries' device and carry
+    no gradient. ``mask_fn`` restricts the allowed rows per query (see :class:`Constraint` for
+    the ranking of disallowed rows and ``strict``); masked searches run torch. Raises
+    ``ValueError`` for ``k`` outside ``[1, K]``, non-positive chunk sizes, a dimension
+    mismatch, an unknown backend or metric, or ``faiss`` where it cannot run.
     """
-    num_rows, dim = bank.shape
-    if not 1 <= k <= num_rows:
-        raise ValueError(f"k must be in [1, {num_rows}] (the bank size), got {k}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if queries.dim() != 2 or queries.shape[1] != dim:
-        raise ValueError(
-            f"queries must have shape (B, {dim}), got {tuple(queries.shape)} "
-            f"(expected dim {dim}, actual {queries.shape[-1]})"
+    result, kernels, case = _search(
+        bank, queries, k, backend, chunk_size, query_chunk, mask_fn, strict, metric, None
+    )
+    if kernels.times["torch"]:
+        _remember(case, kernels.name, kernels.times)
+    return result
+
+
+@torch.no_grad()
+def choose_backend(
+    bank: Tensor,
+    num_queries: int,
+    k: int,
+    *,
+    backend: str = "auto",
+    chunk_size: int = 65536,
+    query_chunk: int | None = None,
+    metric: str = "ip",
+) -> str:
+    """Settle ``backend`` for searches of ``num_queries`` queries for ``k`` rows of ``bank``.
+
+    For ``auto`` the two kernels are timed now on ``bank``'s own rows as queries (unless the
+    rule settles it without timing) and the choice is cached for later searches of this case.
+    In a process group of more than one process this is a collective: every process must call
+    it at the same point with the same arguments; each times on its own and rank 0's choice is
+    applied everywhere. Returns ``"torch"`` or ``"faiss"``; raises like :func:`search`.
+    """
+    check_backend(backend)
+    device = bank.device
+    case = SearchCase.of(bank, num_queries, k, device, chunk_size, query_chunk, metric)
+    name = resolve_backend(backend, case, may_time=True)
+    times: dict[str, list[float]] = {"torch": [], "faiss": []}
+    if name is None:
+        rows = torch.arange(num_queries, device=device) % bank.shape[0]
+        _, kernels, _ = _search(
+            bank, bank[rows], k, backend, chunk_size, query_chunk, None, False, metric, True
         )
+        name, times = kernels.name, kernels.times
+    if backend == "auto" and world_size() > 1:
+        # One collective on every process, whatever each decided locally.
+        usable = _faiss_unusable(device, k) is None
+        mine = torch.tensor([[name == "faiss", usable]], device=comm_device())
+        flags = all_gather_concat(mine)
+        name = "faiss" if bool(flags[0, 0]) and bool(flags[:, 1].all()) else "torch"
+        note = f"; rank 0's timing decides for all {world_size()} processes"
+        _remember(case, name, times, note)
+    elif times["torch"]:
+        _remember(case, name, times)
+    return name
+
+
+@torch.no_grad()
+def search_blocks(blocks: Iterable[tuple], queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Exact top-``k`` inner products of ``queries`` over rows given block by block (torch).
+
+    ``blocks`` yields ``(first_row, rows)`` or ``(first_row, rows, allowed)``: float32 rows,
+    e.g. assembled on the fly from a cache that is never materialised whole (CMSF-2Q's second
+    bank), and optionally a bool vector marking the rows that may be returned. Rows are moved
+    to the queries' device. Returns ``(similarities, indices)`` (B x k, descending); slots
+    without an allowed row have similarity -inf and an arbitrary (valid) row index. ``k``
+    larger than the number of rows returns all rows.
+    """
     q = queries.detach().float().contiguous()
-    name = resolve_backend(backend, bank.device, masked=mask_fn is not None)
-    if mask_fn is not None:
-        return _masked_search(bank, q, k, chunk_size, mask_fn, strict)
-    if name == "faiss":
-        fn = _faiss_gpu_search if bank.is_cuda else _faiss_cpu_search
-    else:
-        fn = _torch_search
-    sims, idx = fn(bank, q, k, chunk_size)
-    return SearchResult(sims, idx, torch.ones_like(idx, dtype=torch.bool))
+
+    def on_device() -> Iterator[Block]:
+        for start, rows, *allowed in blocks:
+            yield (start, rows.to(q.device, torch.float32), *allowed)
+
+    kernels = _Kernels("torch", (0, 0), q.device)
+    values, indices, _, _ = _run(on_device(), q, k, query_chunk=None, kernels=kernels)
+    return values, indices
+
+
+def knn_topk(
+    bank: Tensor,
+    queries: Tensor,
+    k: int,
+    *,
+    backend: str = "auto",
+    query_chunk: int = DEFAULT_QUERY_CHUNK,
+    bank_chunk: int = DEFAULT_BANK_CHUNK,
+) -> tuple[Tensor, Tensor]:
+    """Exact top-``k`` inner-product search of offline features: :func:`search` after checks.
+
+    ``bank`` (N x D) and ``queries`` (Q x D) are floating-point features, checked to be 2-D,
+    non-empty and finite; rows should be L2-normalised so that scores are cosine similarities
+    (they are not renormalised here). The bank may be float16/bfloat16 and may live on the CPU
+    while the queries live on a GPU. Returns ``(sims, idx)`` on the queries' device, float32
+    and int64 of shape ``Q x k``, sorted by decreasing similarity. Raises ``ValueError`` for
+    bad features, mismatched dimensions, ``k`` outside ``[1, N]``, non-positive chunk sizes
+    or an unusable backend.
+    """
+    check_features(bank, "bank")
+    check_features(queries, "queries")
+    if bank.shape[1] != queries.shape[1]:
+        raise ValueError(
+            f"feature dimension mismatch: bank has {bank.shape[1]}, queries have {queries.shape[1]}"
+        )
+    if not 1 <= k <= bank.shape[0]:
+        raise ValueError(f"k={k} must be between 1 and the bank size ({bank.shape[0]} rows)")
+    if query_chunk < 1 or bank_chunk < 1:
+        raise ValueError(f"chunk sizes must be positive, got {query_chunk=} {bank_chunk=}")
+    result = search(
+        bank, queries, k, backend=backend, chunk_size=bank_chunk, query_chunk=query_chunk
+    )
+    return result.similarities, result.indices

@@ -203,6 +203,14 @@ class SSLMethod(pl.LightningModule):
             seed=self.cfg.run.seed,
         )
 
+    def searched_banks(self) -> list[tuple[MemoryBank, int]]:
+        """``(bank, k)`` for each top-``k`` search of a bank that a training step makes.
+
+        Their ``search_backend: auto`` is settled when training starts (:meth:`on_train_start`),
+        on every process together. The base searches no bank.
+        """
+        return []
+
     def enqueue_after_step(self, rows: Tensor, **payloads: Tensor) -> None:
         """Enqueue ``rows`` into ``self.bank`` once the optimiser step is done.
 
@@ -382,7 +390,11 @@ class SSLMethod(pl.LightningModule):
         self._restored_rng = state.get("rng_states")
 
     def on_train_start(self) -> None:
-        """Restore the random generators of a resumed run just before its first batch."""
+        """Settle the searched banks' backends (every process runs this hook together), then
+        restore the random generators of a resumed run just before its first batch."""
+        per_process = self.cfg.data.batch_size // self.trainer.world_size
+        for bank, k in self.searched_banks():
+            bank.choose_backend(per_process, k)
         if self._restored_rng is not None:
             set_rng_states(self._restored_rng)
             self._restored_rng = None

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ssl_lib.config import BankMethodConfig, ConfigError
 from ssl_lib.distributed import all_gather_concat, is_dist, rank
-from ssl_lib.memory import SameCluster, SameLabel, SearchResult
+from ssl_lib.memory import MemoryBank, SameCluster, SameLabel, SearchResult
 from ssl_lib.memory.cache import SampleCache
 from ssl_lib.memory.kmeans import kmeans
 from ssl_lib.memory.search import search_blocks
@@ -117,6 +117,9 @@ class CMSFBase(SSLMethod):
             f"the search, and at least method.k={m.k} rows",
             payloads=self.bank_payloads,
         )
+
+    def searched_banks(self) -> list[tuple[MemoryBank, int]]:
+        return [(self.bank, self.cfg.method.k)]
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -324,7 +327,9 @@ class CMSF2Q(_CachedCMSF):
 class CMSFKMConfig(CMSFCacheConfig):
     """CMSF-KM: ``num_clusters`` k-means clusters of the latest targets, after every epoch.
 
-    ``kmeans_backend``: ``auto`` (faiss when usable, else torch), ``faiss`` or ``torch``.
+    ``kmeans_backend``: ``faiss`` (``faiss.Kmeans``), ``torch`` (Lloyd iterations) or ``auto``
+    (the faster search backend for the assignment step, and its implementation; see
+    ``ssl_lib.memory.kmeans``).
     """
 
     name: str = "cmsf_km"

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ssl_lib.config import BankMethodConfig
+from ssl_lib.memory import MemoryBank
 from ssl_lib.methods.base import SSLMethod, neighbour_purity
 from ssl_lib.methods.registry import METHODS
 
@@ -59,6 +60,9 @@ class MSF(SSLMethod):
             f"it must hold the global batch (data.batch_size={batch}), which is enqueued before "
             f"the search, and at least method.k={m.k} rows",
         )
+
+    def searched_banks(self) -> list[tuple[MemoryBank, int]]:
+        return [(self.bank, self.cfg.method.k)]
 
     def compute_loss(self, views: list[Tensor], labels: Tensor, index: Tensor):
         q = self.predictor(self.project(views[0]))
