@@ -15,8 +15,8 @@ from ssl_lib.config import ConfigError, config_from_dict
 from ssl_lib.data import SSLDataModule
 from ssl_lib.memory.cache import SampleCache
 from ssl_lib.methods import build_method, load_method, prepare_config
-from ssl_lib.methods.cmsf import masked_msf_loss
-from ssl_lib.methods.msf import msf_loss
+from ssl_lib.methods.losses import regression_loss as masked_msf_loss
+from ssl_lib.methods.losses import regression_loss as msf_loss
 
 N, K, B, D = 40, 27, 8, 16  # images, bank rows (not a multiple of B: wrap-around), batch, dim
 

@@ -9,8 +9,8 @@ from torch import nn
 
 from ssl_lib.config import ConfigError
 from ssl_lib.methods import build_method
-from ssl_lib.methods.byol import regression_loss
-from ssl_lib.methods.msf import msf_loss
+from ssl_lib.methods.losses import regression_loss
+from ssl_lib.methods.losses import regression_loss as msf_loss
 
 
 def test_msf_loss_matches_dense_formula():

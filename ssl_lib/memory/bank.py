@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ssl_lib.distributed import all_gather_concat
 from ssl_lib.memory.search import BACKENDS, Constraint, SearchResult, search
+from ssl_lib.undo import Undoable
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -35,7 +36,7 @@ def _storage_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
-class MemoryBank(nn.Module):
+class MemoryBank(nn.Module, Undoable):
     """FIFO bank of ``size`` embeddings of width ``dim`` plus int64 payload columns.
 
     * All state (``embeddings``, one int64 buffer per payload, ``ptr``, ``num_seen``) is held in

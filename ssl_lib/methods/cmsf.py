@@ -40,28 +40,9 @@ from ssl_lib.memory import SameCluster, SameLabel, SearchResult
 from ssl_lib.memory.cache import SampleCache
 from ssl_lib.memory.kmeans import kmeans
 from ssl_lib.memory.search import search_blocks
-from ssl_lib.methods.base import SSLMethod, neighbour_purity
+from ssl_lib.methods.base import SSLMethod
+from ssl_lib.methods.losses import neighbour_purity, regression_loss
 from ssl_lib.methods.registry import METHODS
-
-
-def masked_msf_loss(q: Tensor, neighbours: Tensor, valid: Tensor | None = None) -> Tensor:
-    """MSF loss ``2 - 2 nrm(q_i) . n_ij`` averaged over the valid neighbours, then the batch.
-
-    ``neighbours``: B x k x D (unit rows, no gradient). ``valid``: bool B x k, or ``None`` for
-    all valid (then this equals :func:`ssl_lib.methods.msf.msf_loss`). Queries without any
-    valid neighbour are left out of the batch mean.
-    """
-    q = F.normalize(q.float(), dim=-1)
-    sims = torch.einsum("bd,bkd->bk", q, neighbours.detach().float())
-    if valid is None:
-        return 2 - 2 * sims.mean()
-    weights = valid.float()
-    counts = weights.sum(dim=1)
-    has_any = counts > 0
-    per_query = (sims * weights).sum(dim=1)[has_any] / counts[has_any]
-    if per_query.numel() == 0:
-        return q.sum() * 0.0
-    return 2 - 2 * per_query.mean()
 
 
 @dataclass
@@ -147,20 +128,17 @@ class CMSFBase(SSLMethod):
         unc = self.unconstrained(u) if plain else None
         extra: dict[str, Tensor] = {}
         if constrained is None:
-            loss = masked_msf_loss(q, self.bank.gather(unc.indices))
+            loss = regression_loss(q, self.bank.gather(unc.indices))
             chosen = unc
         else:
             valid = constrained.valid if m.short_neighbours == "valid_only" else None
             idx = constrained.indices.clamp(min=0)  # strict searches are not used here
-            loss = masked_msf_loss(q, self.bank.gather(idx), valid)
+            loss = regression_loss(q, self.bank.gather(idx), valid)
             if self.mix_unconstrained:
-                loss = 0.5 * (loss + masked_msf_loss(q, self.bank.gather(unc.indices)))
+                loss = 0.5 * (loss + regression_loss(q, self.bank.gather(unc.indices)))
             extra["short_queries"] = (~constrained.valid).any(dim=1).sum().float()
             chosen = constrained
-        purity = neighbour_purity(self.bank.payload("labels")[chosen.indices.clamp(min=0)], labels)
-        if purity is not None:
-            extra["purity"] = purity
-        return loss, extra
+        return loss, {**extra, **neighbour_purity(self.bank, chosen.indices, labels)}
 
     def gather_batch(self, **tensors: Tensor) -> dict[str, Tensor]:
         """All-gather per-sample tensors (rank order); identical on every rank."""

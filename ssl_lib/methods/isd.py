@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ssl_lib.config import BankMethodConfig
-from ssl_lib.methods.base import SSLMethod, neighbour_purity
+from ssl_lib.methods.base import SSLMethod
+from ssl_lib.methods.losses import neighbour_purity
 from ssl_lib.methods.registry import METHODS
 
 PURITY_K = 5
@@ -83,10 +84,7 @@ class ISD(SSLMethod):
         loss = isd_loss(
             student @ anchors.T, teacher_sims, m.student_temperature, m.teacher_temperature
         )
-        extra = {}
         top = teacher_sims.topk(min(PURITY_K, self.bank.size), dim=1).indices
-        purity = neighbour_purity(self.bank.payload("labels")[top], labels)
-        if purity is not None:
-            extra["purity"] = purity
+        extra = neighbour_purity(self.bank, top, labels)
         self.enqueue_after_step(teacher, labels=labels)  # anchors exclude the current batch
         return loss, extra
