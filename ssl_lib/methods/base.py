@@ -9,7 +9,9 @@ methods; ``forward(x)`` gives the backbone features. A method implements
 from __future__ import annotations
 
 import copy
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -17,15 +19,51 @@ from lightly.models.utils import update_momentum
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from ssl_lib.config import ConfigError, MethodConfig, config_from_dict
 from ssl_lib.distributed import shuffle_batch, unshuffle_batch, world_size
 from ssl_lib.memory import MemoryBank
 from ssl_lib.methods.nonfinite import NonFiniteGuard, NonFiniteLossError
 from ssl_lib.models import MLPConfig, build_backbone, build_mlp, one_sample_batchnorms
 from ssl_lib.optim import build_optimizer, ema_momentum, lr_factor
 from ssl_lib.rng import CHECKPOINT_KEY, RNGStateCheckpoint
+from ssl_lib.schema import ConfigError, MethodConfig, build_run_config
 
-__all__ = ["NonFiniteLossError", "SSLMethod"]
+__all__ = ["BankMethodConfig", "NonFiniteLossError", "SSLMethod", "TargetMethodConfig"]
+
+
+@dataclass
+class TargetMethodConfig(MethodConfig):
+    """Methods with an EMA target (backbone + projector parameters).
+
+    ``ema_schedule``: ``constant`` (UMBC code: m fixed) or ``cosine`` (BYOL: m rises from
+    ``ema_momentum`` to ``ema_final`` over training, per step). ``shuffle_bn`` shuffles the
+    target's batch across all ranks before its forward pass (MoCo / UMBC shuffle-BN).
+    """
+
+    CHOICES: ClassVar[dict[str, Sequence[str]]] = {"ema_schedule": ("constant", "cosine")}
+
+    ema_momentum: float = 0.99
+    ema_schedule: str = "constant"
+    ema_final: float = 1.0
+    shuffle_bn: bool = True
+
+
+@dataclass
+class BankMethodConfig(TargetMethodConfig):
+    """Methods with an EMA target and a memory bank of target embeddings (MoCo, ISD, MSF, CMSF).
+
+    ``bank_size``: rows K (any size; writes wrap around). ``bank_dtype``: storage precision
+    (``fp32`` / ``fp16`` / ``bf16``; search and losses are float32). ``search_backend``:
+    nearest-neighbour backend of the bank (``auto`` / ``torch`` / ``faiss``).
+    """
+
+    CHOICES: ClassVar[dict[str, Sequence[str]]] = {
+        "bank_dtype": ("fp32", "fp16", "bf16"),
+        "search_backend": ("auto", "torch", "faiss"),
+    }
+
+    bank_size: int = 65536
+    bank_dtype: str = "fp32"
+    search_backend: str = "auto"
 
 
 class SSLMethod(pl.LightningModule):
@@ -57,7 +95,10 @@ class SSLMethod(pl.LightningModule):
 
     def __init__(self, config: DictConfig | dict[str, Any]) -> None:
         super().__init__()
-        cfg = config if isinstance(config, DictConfig) else config_from_dict(config)
+        if isinstance(config, DictConfig):
+            cfg = config
+        else:  # e.g. the config saved in a checkpoint
+            cfg = build_run_config(self.config_class, [("config dict", OmegaConf.create(config))])
         self.cfg = cfg
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self.backbone = build_backbone(cfg.model.backbone)

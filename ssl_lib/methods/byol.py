@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ssl_lib.config import TargetMethodConfig
-from ssl_lib.methods.base import SSLMethod
+from ssl_lib.methods.base import SSLMethod, TargetMethodConfig
 from ssl_lib.methods.losses import regression_loss
 from ssl_lib.methods.registry import METHODS
 

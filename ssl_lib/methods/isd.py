@@ -14,14 +14,15 @@ The anchors are the bank *before* this step's enqueue; the teacher embeddings ar
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ssl_lib.config import BankMethodConfig
-from ssl_lib.methods.base import SSLMethod
+from ssl_lib.methods.base import BankMethodConfig, SSLMethod
 from ssl_lib.methods.losses import neighbour_purity
 from ssl_lib.methods.registry import METHODS
 
@@ -51,6 +52,8 @@ class ISDConfig(BankMethodConfig):
     ``bank_init``: ``rows`` (L2-normalised random rows, ISD-plus) or ``columns`` (the random
     K x D queue normalised along dim 0, as ISD-R18's ``train_isd.py`` does).
     """
+
+    CHOICES: ClassVar[dict[str, Sequence[str]]] = {"bank_init": ("rows", "columns")}
 
     name: str = "isd"
     teacher_temperature: float = 0.01

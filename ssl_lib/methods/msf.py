@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from ssl_lib.config import BankMethodConfig
-from ssl_lib.methods.base import SSLMethod
+from ssl_lib.methods.base import BankMethodConfig, SSLMethod
 from ssl_lib.methods.losses import neighbour_purity, regression_loss
 from ssl_lib.methods.registry import METHODS
+from ssl_lib.schema import require
 
 
 @dataclass
@@ -29,6 +29,10 @@ class MSFConfig(BankMethodConfig):
     name: str = "msf"
     k: int = 5
     bank_size: int = 1024000
+
+    def check(self) -> None:
+        super().check()
+        require(self.k >= 1, "k", f"must be >= 1, got {self.k}")
 
 
 @METHODS.register("msf")
@@ -42,8 +46,6 @@ class MSF(SSLMethod):
     def __init__(self, config) -> None:
         super().__init__(config)
         m = self.cfg.method
-        if m.k < 1:
-            raise ValueError(f"method.k must be >= 1, got {m.k}")
         batch = self.cfg.data.batch_size
         self.bank = self.build_bank(
             max(m.k, batch),
