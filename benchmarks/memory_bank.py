@@ -7,7 +7,7 @@ Compared implementations:
 
 * ``ours-torch`` / ``ours-faiss`` / ``ours-auto``: the bank side of
   ``ssl_lib.methods.msf.MSF.compute_loss``: :class:`ssl_lib.memory.MemoryBank` (chunked exact
-  search) and the method's ``msf_loss`` on the gathered ``B x k x D`` neighbours only. The
+  search) and the shared ``regression_loss`` on the gathered ``B x k x D`` neighbours only. The
   ``auto`` bank settles its backend with ``MemoryBank.choose_backend`` before the timing, as
   training does when it starts; the choice is printed.
 * ``authors``: the official MSF step: clone the bank, two dense ``B x K`` distance matrices
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ssl_lib.memory import MemoryBank
 from ssl_lib.memory.search import faiss_available
-from ssl_lib.methods.msf import msf_loss
+from ssl_lib.methods.losses import regression_loss
 
 FULL_GRID = {"K": [65536, 131072, 1024000], "D": [128, 512], "k": [1, 5, 20]}
 QUICK_GRID = {"K": [131072], "D": [512], "k": [5]}
@@ -45,7 +45,7 @@ def ours_step(bank: MemoryBank, k: int) -> Callable[[Tensor, Tensor], None]:
     def step(q: Tensor, u: Tensor) -> None:
         bank.enqueue(u)
         _, idx = bank.knn(u, k)
-        msf_loss(q, bank.gather(idx)).backward()
+        regression_loss(q, bank.gather(idx)).backward()
 
     return step
 
@@ -83,7 +83,7 @@ class LightlyStyleNNBank:
         room = min(u.shape[0], bank.shape[0] - self.ptr)
         self.bank[self.ptr : self.ptr + room] = u[:room]
         self.ptr = (self.ptr + room) % bank.shape[0]
-        msf_loss(q, nearest.unsqueeze(1)).backward()
+        regression_loss(q, nearest.unsqueeze(1)).backward()
 
 
 def time_methods(

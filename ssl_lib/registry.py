@@ -41,8 +41,5 @@ class Registry(Generic[T]):
         """Registered names, sorted."""
         return sorted(self._items)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._items
-
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

@@ -405,25 +405,6 @@ def _describe_checkpoint(path: Path) -> str:
     return f"'{path}' (global step {step})"
 
 
-def check_trainer_limits(t: DictConfig) -> None:
-    """One-line errors for ``trainer`` values no run can use (before any folder exists)."""
-    if t.max_epochs < 1:
-        raise ConfigError(
-            f"trainer.max_epochs must be >= 1 (it sets the length of the LR and EMA schedules), "
-            f"got {t.max_epochs}; use trainer.max_steps to stop earlier"
-        )
-    if t.max_steps < -1 or t.max_steps == 0:
-        raise ConfigError(f"trainer.max_steps must be -1 (no limit) or >= 1, got {t.max_steps}")
-    if t.checkpoint_every_n_steps < 0:
-        raise ConfigError(
-            f"trainer.checkpoint_every_n_steps must be >= 0 (0 = off), got "
-            f"{t.checkpoint_every_n_steps}"
-        )
-    for key in ("collective_timeout_s", "sigterm_grace_s"):
-        if not t[key] > 0:
-            raise ConfigError(f"trainer.{key} must be > 0 seconds, got {t[key]}")
-
-
 def train(
     cfg: DictConfig,
     run_dir: Path | None = None,
@@ -439,7 +420,6 @@ def train(
     a ``last.ckpt`` that resumes exactly (see :class:`StepLimit`).
     """
     t = cfg.trainer
-    check_trainer_limits(t)
     console.silence_known_noise()
     if resume_from is not None:
         check_resumable(resume_from, cfg.method.name)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ssl_lib.methods import build_method
-from ssl_lib.methods.byol import regression_loss
+from ssl_lib.methods.losses import regression_loss
 
 
 def numpy_regression(p: np.ndarray, z: np.ndarray) -> float:

@@ -15,8 +15,8 @@ from ssl_lib.config import ConfigError, config_from_dict
 from ssl_lib.data import SSLDataModule
 from ssl_lib.memory.cache import SampleCache
 from ssl_lib.methods import build_method, load_method, prepare_config
-from ssl_lib.methods.cmsf import masked_msf_loss
-from ssl_lib.methods.msf import msf_loss
+from ssl_lib.methods.losses import regression_loss as masked_msf_loss
+from ssl_lib.methods.losses import regression_loss as msf_loss
 
 N, K, B, D = 40, 27, 8, 16  # images, bank rows (not a multiple of B: wrap-around), batch, dim
 
@@ -472,3 +472,45 @@ def test_pseudo_labeller_round_with_one_labelled_row_warns(make_config):
     with pytest.warns(UserWarning, match="round skipped: the labelled buffer holds 1 embedding"):
         model.train_pseudo_labeller()
     assert int(model.pseudo_rounds) == 1
+
+
+# ----------------------------------------------------------- early-training options
+@pytest.mark.parametrize(
+    "warmup, unwritten, ignored",
+    [(0, "auto", False), (1, "auto", True), (1, "use", False), (0, "ignore", True)],
+)
+def test_unwritten_entries_option_is_independent_of_the_warmup(
+    make_config, warmup, unwritten, ignored
+):
+    """KM: never-written bank rows read as the last image's cluster (use) or as no cluster."""
+    gen = torch.Generator().manual_seed(6)
+    model = build_method(
+        cmsf_config(
+            make_config,
+            "cmsf_km",
+            constraint_warmup_epochs=warmup,
+            unwritten_entries=unwritten,
+        )
+    )
+    fill(model, 1, gen)  # rows 8..26 are never written (index -1)
+    model.cluster_ids.copy_(torch.arange(N) % 4)
+    model.refresh_bank_clusters()
+    unwritten_rows = model.bank.payload("clusters")[model.bank.payload("index") < 0]
+    last_image = int(model.cluster_ids[N - 1])
+    assert unwritten_rows.tolist() == [-1 if ignored else last_image] * 19
+
+
+def test_semi_warmup_epochs_train_plain_msf(make_config):
+    """During constraint_warmup_epochs every variant, the semi-supervised one included, uses
+    the unconstrained MSF neighbours (no constraint, so no short queries are counted)."""
+    torch.manual_seed(0)
+    views = [torch.randn(B, 3, 32, 32), torch.randn(B, 3, 32, 32)]
+    labels, index = torch.arange(B) % 3, torch.arange(B)
+    losses = {}
+    for warmup in (0, 1):
+        model = build_method(cmsf_config(make_config, "cmsf_semi", constraint_warmup_epochs=warmup))
+        model.is_labelled[:] = True  # every query is constrained by its true label
+        _, extra = model.compute_loss(views, labels, index)
+        losses[warmup] = extra
+    assert "short_queries" in losses[0] and "short_queries" not in losses[1]
+    assert "confident_unlabelled" in losses[1]

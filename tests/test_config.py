@@ -118,3 +118,21 @@ def test_unknown_names_list_choices(tmp_path):
 def test_missing_recipe_suggests(tmp_path):
     with pytest.raises(ConfigError, match="demo/byol"):
         load_config("demo/byl")
+
+
+def test_section_checks_name_the_file_that_set_the_key(tmp_path):
+    write(tmp_path / "base.yaml", "method: {name: cmsf_2q, k: 4, k_prime: 6}\n")
+    child = write(tmp_path / "child.yaml", "base: base.yaml\nmethod: {k: 8}\n")
+    with pytest.raises(ConfigError) as err:  # k_prime (from base.yaml) < k (from child.yaml)
+        load_config(child)
+    assert str(err.value).startswith(f"{child}: method.k_prime must lie in [method.k=8")
+    with pytest.raises(ConfigError, match=r"^command-line override: method.k must be >= 1, got 0"):
+        load_config(child, ["method.k=0"])
+    with pytest.raises(ConfigError, match=r"^command-line override: trainer.max_epochs must be"):
+        load_config(child, ["method.k=4", "trainer.max_epochs=0"])
+    sup = write(tmp_path / "sup.yaml", "method: {name: cmsf_sup, unwritten_entries: never}\n")
+    with pytest.raises(ConfigError, match=rf"^{sup}: method.unwritten_entries does not accept"):
+        load_config(sup)
+    eval_recipe = write(tmp_path / "eval.yaml", "knn: {ks: [0, 5]}\n")
+    with pytest.raises(ConfigError, match=rf"^{eval_recipe}: knn.ks must be positive integers"):
+        load_eval_config(eval_recipe)

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from ssl_lib.config import LinearEvalConfig
+from ssl_lib.eval.config import LinearEvalConfig
 from ssl_lib.eval.linear import (
     LinearProbe,
     evaluate,

@@ -12,8 +12,8 @@ from ssl_lib.config import ConfigError
 from ssl_lib.data.module import SSLDataModule
 from ssl_lib.memory import MemoryBank
 from ssl_lib.methods import build_method
-from ssl_lib.methods.byol import regression_loss
-from ssl_lib.methods.msf import msf_loss
+from ssl_lib.methods.losses import regression_loss
+from ssl_lib.methods.losses import regression_loss as msf_loss
 
 
 def test_msf_loss_matches_dense_formula():

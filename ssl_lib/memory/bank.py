@@ -15,6 +15,7 @@ from ssl_lib.memory.search import (
     choose_backend,
     search,
 )
+from ssl_lib.undo import Undoable
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -41,7 +42,7 @@ def _storage_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
-class MemoryBank(nn.Module):
+class MemoryBank(nn.Module, Undoable):
     """FIFO bank of ``size`` embeddings of width ``dim`` plus int64 payload columns.
 
     * All state (``embeddings``, one int64 buffer per payload, ``ptr``, ``num_seen``) is held in

@@ -21,12 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from ssl_lib.memory.bank import _storage_dtype
+from ssl_lib.undo import Undoable
 
 CACHE_DEVICES = ("model", "cpu")
 CACHE_INITS = ("normal", "unit", "zeros")
 
 
-class SampleCache(nn.Module):
+class SampleCache(nn.Module, Undoable):
     """``slots x num_samples x dim`` embeddings of the training images, indexed by dataset index.
 
     ``init``: ``normal`` = unnormalised standard Gaussian rows (the CMSF-2Q original, whose

@@ -1,5 +1,7 @@
 """Methods, one file each on the ``SSLMethod`` base, registered by name."""
 
+from ssl_lib.checkpoints import read_checkpoint
+from ssl_lib.data.module import local_batch_size
 from ssl_lib.methods import (  # noqa: F401  (registers the methods)
     barlow_twins,
     blockwise,
@@ -12,6 +14,7 @@ from ssl_lib.methods import (  # noqa: F401  (registers the methods)
 )
 from ssl_lib.methods.base import SSLMethod
 from ssl_lib.methods.registry import METHODS
+from ssl_lib.schema import ConfigError
 
 __all__ = [
     "METHODS",
@@ -37,16 +40,12 @@ def build_method(cfg) -> SSLMethod:
     ``data.batch_size`` must split evenly over them (``DataError``) and leave each process a
     batch the method can train on (``ConfigError``: one sample with BatchNorm in training).
     """
-    from ssl_lib.config import ConfigError
-
     try:
         method = METHODS.get(cfg.method.name)(cfg)
     except ConfigError:
         raise
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    from ssl_lib.data.module import local_batch_size
-
     world = configured_world_size(cfg.trainer)
     batch = cfg.data.batch_size
     if world is None and batch == 1:
@@ -87,8 +86,6 @@ def configured_world_size(trainer_cfg) -> int | None:
 
 def load_method(checkpoint_path: str, map_location: str = "cpu") -> SSLMethod:
     """Load any method from a checkpoint written by ``ssl-lib train``."""
-    from ssl_lib.checkpoints import read_checkpoint
-
     ckpt = read_checkpoint(checkpoint_path, map_location)
     config = ckpt["hyper_parameters"]["config"]
     method = METHODS.get(config["method"]["name"])(config)

@@ -20,10 +20,10 @@ import torch.distributed.nn.functional as dist_fn
 import torchvision
 from torch import Tensor, nn
 
-from ssl_lib.config import ConfigError, MethodConfig
 from ssl_lib.distributed import world_size
 from ssl_lib.methods.base import SSLMethod
 from ssl_lib.methods.registry import METHODS
+from ssl_lib.schema import ConfigError, MethodConfig
 
 ReduceSum = Callable[[Tensor], Tensor]
 

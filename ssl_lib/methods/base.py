@@ -1,35 +1,87 @@
 """``SSLMethod``: the LightningModule every method extends.
 
-It owns the backbone, the optional projector / predictor and the optional EMA target
-(a copy of backbone + projector), and does everything the methods share: optimiser and
-schedules, the EMA update with cross-process shuffle-BN for the target, the memory bank of
-bank methods, logging and ``forward(x)`` = backbone features. A method implements
-:meth:`SSLMethod.compute_loss` (how the views flow and which pure loss applies).
+It owns the networks (backbone, optional projector / predictor, optional EMA target with
+shuffle-BN), the optimiser and the learning-rate / EMA schedules, and the memory bank of bank
+methods; ``forward(x)`` gives the backbone features. A method implements
+:meth:`SSLMethod.compute_loss`: how the views flow and which pure loss applies.
 """
 
 from __future__ import annotations
 
 import copy
-import random
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightly.models.utils import update_momentum
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from ssl_lib.config import ConfigError, MethodConfig, config_from_dict
 from ssl_lib.distributed import shuffle_batch, unshuffle_batch, world_size
 from ssl_lib.memory import MemoryBank
-from ssl_lib.models import MLPConfig, build_backbone, build_mlp
+from ssl_lib.methods.nonfinite import NonFiniteGuard, NonFiniteLossError
+from ssl_lib.models import MLPConfig, build_backbone, build_mlp, one_sample_batchnorms
 from ssl_lib.optim import build_optimizer, ema_momentum, lr_factor
+from ssl_lib.rng import CHECKPOINT_KEY, RNGStateCheckpoint
+from ssl_lib.schema import ConfigError, MethodConfig, build_run_config
+
+__all__ = ["BankMethodConfig", "NonFiniteLossError", "SSLMethod", "TargetMethodConfig"]
+
+
+@dataclass
+class TargetMethodConfig(MethodConfig):
+    """Methods with an EMA target (backbone + projector parameters).
+
+    ``ema_schedule``: ``constant`` (UMBC code: m fixed) or ``cosine`` (BYOL: m rises from
+    ``ema_momentum`` to ``ema_final`` over training, per step). ``shuffle_bn`` shuffles the
+    target's batch across all ranks before its forward pass (MoCo / UMBC shuffle-BN).
+    """
+
+    CHOICES: ClassVar[dict[str, Sequence[str]]] = {"ema_schedule": ("constant", "cosine")}
+
+    ema_momentum: float = 0.99
+    ema_schedule: str = "constant"
+    ema_final: float = 1.0
+    shuffle_bn: bool = True
+
+
+@dataclass
+class BankMethodConfig(TargetMethodConfig):
+    """Methods with an EMA target and a memory bank of target embeddings (MoCo, ISD, MSF, CMSF).
+
+    ``bank_size``: rows K (any size; writes wrap around). ``bank_dtype``: storage precision
+    (``fp32`` / ``fp16`` / ``bf16``; search and losses are float32). ``search_backend``:
+    nearest-neighbour backend of the bank (``auto`` / ``torch`` / ``faiss``).
+    """
+
+    CHOICES: ClassVar[dict[str, Sequence[str]]] = {
+        "bank_dtype": ("fp32", "fp16", "bf16"),
+        "search_backend": ("auto", "torch", "faiss"),
+    }
+
+    bank_size: int = 65536
+    bank_dtype: str = "fp32"
+    search_backend: str = "auto"
 
 
 class SSLMethod(pl.LightningModule):
     """Base class. Subclasses set ``config_class`` and implement ``compute_loss``.
+
+    One training step, in this order:
+
+    1. EMA update of the target (:meth:`update_target`), with the momentum of this step. It
+       runs before the target's forward pass, as in the UMBC code, which equals running it right
+       after the previous optimiser step.
+    2. Forward passes and loss (:meth:`compute_loss`). MSF and CMSF enqueue the step's targets
+       into the bank here, before their search; MoCo and ISD hand theirs to
+       :meth:`enqueue_after_step`.
+    3. The non-finite check (``trainer.nonfinite``, :class:`NonFiniteGuard`) and logging.
+    4. Backward pass (Lightning). A skipped batch then drops its gradients and takes back its
+       other writes (:meth:`on_before_optimizer_step`).
+    5. Optimiser step, then the bank flush of the rows held by :meth:`enqueue_after_step`, then
+       the per-step learning-rate schedule (:meth:`optimizer_step`).
 
     Class attributes:
         config_class: the dataclass of the method's ``method:`` config section.
@@ -43,12 +95,11 @@ class SSLMethod(pl.LightningModule):
 
     def __init__(self, config: DictConfig | dict[str, Any]) -> None:
         super().__init__()
-        cfg = config if isinstance(config, DictConfig) else config_from_dict(config)
+        if isinstance(config, DictConfig):
+            cfg = config
+        else:  # e.g. the config saved in a checkpoint
+            cfg = build_run_config(self.config_class, [("config dict", OmegaConf.create(config))])
         self.cfg = cfg
-        self.nonfinite_skipped = 0  # batches skipped for a NaN / Inf loss (trainer.nonfinite)
-        self._skip_step = False
-        self._undo: list[tuple[Tensor, Tensor]] | None = None
-        self._restored_rng: dict | None = None
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self.backbone = build_backbone(cfg.model.backbone)
         proj_cfg = cfg.model.projector
@@ -73,6 +124,10 @@ class SSLMethod(pl.LightningModule):
                 }
             )
             self.target.requires_grad_(False)
+        self._pending_enqueue: tuple[Tensor, dict[str, Tensor]] | None = None
+        self.nonfinite = NonFiniteGuard(
+            cfg.trainer.nonfinite, self, [self.target] if self.uses_target else []
+        )
 
     @classmethod
     def prepare_config(cls, cfg: DictConfig, datamodule: Any) -> None:
@@ -83,64 +138,15 @@ class SSLMethod(pl.LightningModule):
         sizes CMSF's per-image caches). Raises ``ConfigError`` when data and config disagree.
         """
 
-    # ----------------------------------------------------------------- batch size
-    def batch_trained_modules(self) -> list[nn.Module]:
-        """The modules that run in training mode on each training batch (target included)."""
-        modules = list(self.trainable_modules())
-        if self.uses_target:
-            modules.append(self.target)
-        return modules
-
-    @torch.no_grad()
-    def one_sample_batchnorms(self) -> list[str]:
-        """Names of the BatchNorm layers that a per-process batch of one image cannot train.
-
-        A BatchNorm in training mode needs more than one value per channel: every
-        ``BatchNorm1d`` on feature vectors (projector, predictor and other heads) fails with
-        one sample, and a ``BatchNorm2d`` of the backbone fails when its feature map is 1 x 1
-        at ``data.image_size`` (found with one forward pass of the backbone on a 1-image
-        batch, in eval mode, which changes no statistics).
-        """
-        names = {id(m): name for name, m in self.named_modules()}
-        norms = [
-            m
-            for module in self.batch_trained_modules()
-            for m in module.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        ]
-        single: dict[int, bool] = {}
-
-        def record(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            single[id(module)] = x.numel() // max(x.shape[1], 1) <= 1
-
-        hooks = [m.register_forward_pre_hook(record) for m in norms]
-        modes = [(m, m.training) for m in self.backbone.modules()]
-        try:
-            size = self.cfg.data.image_size
-            param = next(self.backbone.parameters(), None)
-            device = param.device if param is not None else torch.device("cpu")
-            self.backbone.eval()(torch.zeros(1, 3, size, size, device=device))
-        finally:
-            for hook in hooks:
-                hook.remove()
-            for module, training in modes:
-                module.training = training
-        found = []
-        for m in norms:
-            # not reached by the backbone pass: a head's BatchNorm on (batch, features) rows
-            rows = isinstance(m, (nn.BatchNorm1d, nn.SyncBatchNorm))
-            name = names.get(id(m), type(m).__name__)
-            if single.get(id(m), rows) and name not in found:
-                found.append(name)
-        return found
-
     def check_batch(self, per_process: int, world: int) -> None:
         """Raise ``ConfigError`` if per-process batches of ``per_process`` samples (``world``
         processes) cannot train this method: one sample with BatchNorm in training."""
         if per_process >= 2:
             return
-        layers = self.one_sample_batchnorms()
+        trained = list(self.trainable_modules())
+        if self.uses_target:
+            trained.append(self.target)
+        layers = one_sample_batchnorms(self, trained, self.backbone, self.cfg.data.image_size)
         if layers:
             shown = ", ".join(layers[:3]) + (
                 f" and {len(layers) - 3} more" if len(layers) > 3 else ""
@@ -221,13 +227,14 @@ class SSLMethod(pl.LightningModule):
         self._pending_enqueue = (rows.detach(), payloads)
 
     def flush_enqueue(self) -> None:
-        """Write the rows held by :meth:`enqueue_after_step` (called after each train batch)."""
-        pending = getattr(self, "_pending_enqueue", None)
+        """Write the rows held by :meth:`enqueue_after_step`."""
+        pending, self._pending_enqueue = self._pending_enqueue, None
         if pending is not None:
-            self._pending_enqueue = None
             self.bank.enqueue(pending[0], **pending[1])
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Write rows still held: none under Lightning's automatic optimisation, which calls
+        :meth:`optimizer_step` every batch; those of a loop that steps the optimiser itself."""
         self.flush_enqueue()
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -237,7 +244,7 @@ class SSLMethod(pl.LightningModule):
         end of a batch (every N steps) already holds them: resuming from it is exact.
         """
         super().optimizer_step(*args, **kwargs)
-        if self._skip_step:
+        if self.nonfinite.skipping:
             self._pending_enqueue = None
         self.flush_enqueue()
         scheduler = self.lr_schedulers()
@@ -246,10 +253,6 @@ class SSLMethod(pl.LightningModule):
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         """A no-op: :meth:`optimizer_step` steps the schedule."""
-
-    def online_modules(self) -> list[nn.Module]:
-        """The modules the target averages: backbone and projector."""
-        return [self.backbone, self.projector]
 
     def trainable_modules(self) -> list[nn.Module]:
         """Modules whose parameters the optimiser updates (everything but the target)."""
@@ -282,24 +285,16 @@ class SSLMethod(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         views, labels, index = batch
-        skip_mode = self.cfg.trainer.nonfinite == "skip"
-        undo = self._begin_undo() if skip_mode else None
+        self.nonfinite.begin_step()
         if self.uses_target:
             self.update_target()
         loss, extra = self.compute_loss(views, labels, index)
-        self._skip_step = False
-        if self._loss_is_bad(loss):
-            if not skip_mode:
-                raise NonFiniteLossError(
-                    f"{self._nonfinite_message(loss, extra, batch_idx)}. No optimiser step was "
-                    "taken and no checkpoint of this state written. Lower optim.lr (or add a "
-                    "warm-up), or set trainer.nonfinite=skip to skip such batches"
-                )
-            self._skip_batch(undo, loss, extra, batch_idx)
+        where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+        skipped = self.nonfinite.check(loss, where, extra, self._trainer)
+        if self.cfg.trainer.nonfinite == "skip":
+            self.log("train/nonfinite_skipped", float(self.nonfinite.skipped))
+        if skipped:
             return loss  # the backward pass runs; then on_before_optimizer_step undoes the batch
-        if undo is not None:
-            self._end_undo(undo, revert=False)
-            self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
         batch_size = views[0].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         for key, value in extra.items():
@@ -316,88 +311,30 @@ class SSLMethod(pl.LightningModule):
             self.log("train/dropped_samples", float(dropped))
         return loss
 
-    # ------------------------------------------------------- non-finite losses
-    def _loss_is_bad(self, loss: Tensor) -> bool:
-        """Whether the loss is NaN or infinite on any process (all processes agree)."""
-        bad = not bool(torch.isfinite(loss.detach()).all())
-        trainer = self._trainer
-        if trainer is None:
-            return bad
-        return bool(trainer.strategy.reduce_boolean_decision(bad, all=False))
-
-    def _nonfinite_message(self, loss: Tensor, extra: dict[str, Tensor], batch_idx: int) -> str:
-        terms = ", ".join(f"{k}={float(v):.6g}" for k, v in extra.items()) or "none"
-        return (
-            f"non-finite loss at global step {self.global_step} (epoch {self.current_epoch}, "
-            f"batch {batch_idx}): loss={float(loss):.6g}; loss terms: {terms}"
-        )
-
-    def _begin_undo(self) -> list[tuple[Tensor, Tensor]]:
-        """Copies of what a forward pass and the EMA update change (banks and per-image caches
-        keep a journal of their writes instead)."""
-        banks = [m for m in self.modules() if hasattr(m, "record_undo")]  # banks and caches
-        in_bank = {id(t) for b in banks for t in b.buffers()}
-        tensors = [t for t in self.buffers() if id(t) not in in_bank]
-        if self.uses_target:
-            tensors += list(self.target.parameters())
-        for bank in banks:
-            bank.record_undo()
-        return [(t, t.detach().clone()) for t in tensors]
-
-    @torch.no_grad()
-    def _end_undo(self, undo: list[tuple[Tensor, Tensor]], revert: bool) -> None:
-        for bank in (m for m in self.modules() if hasattr(m, "record_undo")):
-            bank.stop_undo(revert)
-        if revert:
-            for tensor, copy in undo:
-                tensor.copy_(copy)
-
-    def _skip_batch(
-        self, undo: list | None, loss: Tensor, extra: dict[str, Tensor], batch_idx: int
-    ) -> None:
-        """Skip mode: mark the batch; :meth:`on_before_optimizer_step` undoes it."""
-        self._undo = undo
-        self._pending_enqueue = None
-        self._skip_step = True
-        self.nonfinite_skipped += 1
-        rank_zero_warn(f"skipping the batch: {self._nonfinite_message(loss, extra, batch_idx)}")
-        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
-
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """For a skipped batch: drop the gradients (the optimiser then changes nothing) and
-        restore the EMA target, BatchNorm statistics and banks (after the backward pass, which
-        may still need the tensors as they were)."""
-        if not self._skip_step:
-            return
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
-        if self._undo is not None:
-            self._end_undo(self._undo, revert=True)
-            self._undo = None
+        """For a skipped batch: no gradients for the optimiser, and the EMA target, BatchNorm
+        statistics and banks as they were before the batch (restored only now, after the
+        backward pass, which may still need them)."""
+        self.nonfinite.before_optimizer_step(optimizer)
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save the random generators' states and the skipped-batch count with the run."""
-        checkpoint["ssl_lib"] = {
-            "rng_states": collect_rng_states(),
-            "nonfinite_skipped": self.nonfinite_skipped,
-        }
+        """Save the skipped-batch count with the run."""
+        checkpoint.setdefault(CHECKPOINT_KEY, {})["nonfinite_skipped"] = self.nonfinite.skipped
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("ssl_lib", {})
-        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
-        self._restored_rng = state.get("rng_states")
+        state = checkpoint.get(CHECKPOINT_KEY, {})
+        self.nonfinite.skipped = int(state.get("nonfinite_skipped", 0))
 
     def on_train_start(self) -> None:
-        """Settle the searched banks' backends (every process runs this hook together), then
-        restore the random generators of a resumed run just before its first batch."""
+        """Settle the searched banks' backends; every process runs this hook together."""
         per_process = self.cfg.data.batch_size // self.trainer.world_size
         for bank, k in self.searched_banks():
             bank.choose_backend(per_process, k)
-        if self._restored_rng is not None:
-            set_rng_states(self._restored_rng)
-            self._restored_rng = None
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Random generators' states in every checkpoint, for an exact resume."""
+        return [RNGStateCheckpoint()]
 
     def configure_optimizers(self) -> dict:
         cfg = self.cfg.optim
@@ -425,41 +362,3 @@ class SSLMethod(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite (``trainer.nonfinite: stop``); the message says where."""
-
-
-def collect_rng_states() -> dict[str, Any]:
-    """The states of torch (CPU and current CUDA device), numpy and ``random`` generators."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    states: dict[str, Any] = {  # tensors and plain values: loadable with weights_only
-        "torch": torch.get_rng_state(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state()
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    """Restore what :func:`collect_rng_states` returned."""
-    torch.set_rng_state(states["torch"])
-    kind, keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
-
-
-def neighbour_purity(neighbour_labels: Tensor, labels: Tensor) -> Tensor | None:
-    """Share of neighbours (``B x k`` stored labels) whose label equals their query's label.
-
-    Only queries with a known label (>= 0) count; ``None`` when there is none.
-    """
-    known = labels >= 0
-    if not bool(known.any()):
-        return None
-    return (neighbour_labels[known] == labels[known].unsqueeze(1)).float().mean()

@@ -19,15 +19,16 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ssl_lib.config import ConfigError
 from ssl_lib.methods.barlow_twins import BarlowTwins, BarlowTwinsConfig
 from ssl_lib.methods.registry import METHODS
 from ssl_lib.models import MLPConfig, StagedBackbone, build_mlp
+from ssl_lib.schema import ConfigError
 
 # Dimensions the noise std is taken over, per mode (None: one scalar over the whole tensor).
 # "c" follows the released code (std over dim 2, the height); "channel" is the per-position
@@ -87,6 +88,11 @@ class BlockwiseConfig(BarlowTwinsConfig):
     (``null``: the epochs split evenly).
     """
 
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "noise_type": tuple(NOISE_DIMS),
+        "schedule": SCHEDULES,
+    }
+
     name: str = "blockwise_barlow_twins"
     loss_scale: float = 0.024
     blocks: list[list[int]] | None = None
@@ -108,10 +114,6 @@ class BlockwiseBarlowTwins(BarlowTwins):
     def __init__(self, config) -> None:
         super().__init__(config)
         m = self.cfg.method
-        if m.noise_type not in NOISE_DIMS:
-            raise ValueError(f"method.noise_type '{m.noise_type}': choose from {list(NOISE_DIMS)}")
-        if m.schedule not in SCHEDULES:
-            raise ValueError(f"method.schedule '{m.schedule}': choose from {list(SCHEDULES)}")
         self.block_stages = block_layout(m.blocks, len(self.backbone.stages))
         n = len(self.block_stages)
         self.block_weights = list(m.block_weights) if m.block_weights is not None else [1.0] * n

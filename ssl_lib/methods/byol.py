@@ -9,17 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import Tensor
 
-from ssl_lib.config import TargetMethodConfig
-from ssl_lib.methods.base import SSLMethod
+from ssl_lib.methods.base import SSLMethod, TargetMethodConfig
+from ssl_lib.methods.losses import regression_loss
 from ssl_lib.methods.registry import METHODS
-
-
-def regression_loss(p: Tensor, z: Tensor) -> Tensor:
-    """``mean(2 - 2 cos(p, z))`` over the batch, in float32; no gradient flows into ``z``."""
-    return (2 - 2 * F.cosine_similarity(p.float(), z.detach().float(), dim=-1)).mean()
 
 
 @dataclass

@@ -19,49 +19,35 @@ bank), store dataset indices with the bank rows, and keep every cache identical 
 When fewer than ``k`` rows satisfy a constraint, ``short_neighbours: fill`` (the original) fills
 the remaining slots with the nearest other rows and ``valid_only`` averages the loss over the
 valid ones; ``train/short_queries`` logs how many queries of the batch were short either way.
-``constraint_warmup_epochs: 0`` reproduces the original's first epochs exactly (random 2Q cache,
-all-zero clusters, never-written bank rows read as the last image, as Python's index -1 does);
-``W > 0`` trains W epochs with the plain MSF loss and then ignores rows and queries whose cache
-entries were never written. See ``docs/methods/cmsf*.md``.
+
+Early training has two options. ``constraint_warmup_epochs: W`` trains the first W epochs with
+the plain MSF loss (0: none, as the original). ``unwritten_entries`` says what the constraint
+does with state that holds no data yet: ``use`` it as the original does (the 2Q cache's random
+vectors, never-written bank rows read as the last image as Python's index -1 does, the
+pseudo-labeller before its first round, unfilled labelled-buffer rows as class 0) or ``ignore``
+it; ``auto`` (default) is ``use`` without a warm-up and ``ignore`` with one. The defaults
+reproduce the original's first epochs exactly. See ``docs/methods/cmsf*.md``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ssl_lib.config import BankMethodConfig, ConfigError
 from ssl_lib.distributed import all_gather_concat, is_dist, rank
 from ssl_lib.memory import MemoryBank, SameCluster, SameLabel, SearchResult
 from ssl_lib.memory.cache import SampleCache
 from ssl_lib.memory.kmeans import kmeans
 from ssl_lib.memory.search import search_blocks
-from ssl_lib.methods.base import SSLMethod, neighbour_purity
+from ssl_lib.methods.base import BankMethodConfig, SSLMethod
+from ssl_lib.methods.losses import neighbour_purity, regression_loss
 from ssl_lib.methods.registry import METHODS
-
-
-def masked_msf_loss(q: Tensor, neighbours: Tensor, valid: Tensor | None = None) -> Tensor:
-    """MSF loss ``2 - 2 nrm(q_i) . n_ij`` averaged over the valid neighbours, then the batch.
-
-    ``neighbours``: B x k x D (unit rows, no gradient). ``valid``: bool B x k, or ``None`` for
-    all valid (then this equals :func:`ssl_lib.methods.msf.msf_loss`). Queries without any
-    valid neighbour are left out of the batch mean.
-    """
-    q = F.normalize(q.float(), dim=-1)
-    sims = torch.einsum("bd,bkd->bk", q, neighbours.detach().float())
-    if valid is None:
-        return 2 - 2 * sims.mean()
-    weights = valid.float()
-    counts = weights.sum(dim=1)
-    has_any = counts > 0
-    per_query = (sims * weights).sum(dim=1)[has_any] / counts[has_any]
-    if per_query.numel() == 0:
-        return q.sum() * 0.0
-    return 2 - 2 * per_query.mean()
+from ssl_lib.schema import ConfigError, require
 
 
 @dataclass
@@ -70,13 +56,37 @@ class CMSFConfig(BankMethodConfig):
 
     ``short_neighbours``: ``fill`` (original) or ``valid_only``. ``constraint_warmup_epochs``:
     epochs of plain MSF before the constraint applies (0 = the original's behaviour).
+    ``unwritten_entries``: ``use`` (original), ``ignore`` or ``auto`` (``use`` when
+    ``constraint_warmup_epochs`` is 0, else ``ignore``); see the module docstring.
     """
+
+    CHOICES: ClassVar[dict[str, Sequence[str]]] = {
+        "short_neighbours": ("fill", "valid_only"),
+        "unwritten_entries": ("auto", "use", "ignore"),
+    }
 
     name: str = "cmsf_sup"
     k: int = 10
     bank_size: int = 128000
     short_neighbours: str = "fill"
     constraint_warmup_epochs: int = 0
+    unwritten_entries: str = "auto"
+
+    def check(self) -> None:
+        super().check()
+        require(self.k >= 1, "k", f"must be >= 1, got {self.k}")
+        require(
+            self.constraint_warmup_epochs >= 0,
+            "constraint_warmup_epochs",
+            f"must be >= 0, got {self.constraint_warmup_epochs}",
+        )
+
+
+def ignores_unwritten(m: Any) -> bool:
+    """Whether the ``method`` config ``m`` ignores unwritten entries (``auto`` resolved)."""
+    if m.unwritten_entries == "auto":
+        return m.constraint_warmup_epochs > 0
+    return m.unwritten_entries == "ignore"
 
 
 def set_num_samples(cfg: Any, num_samples: int) -> None:
@@ -104,12 +114,7 @@ class CMSFBase(SSLMethod):
     def __init__(self, config) -> None:
         super().__init__(config)
         m = self.cfg.method
-        if m.k < 1:
-            raise ValueError(f"method.k must be >= 1, got {m.k}")
-        if m.constraint_warmup_epochs < 0:
-            raise ValueError(
-                f"method.constraint_warmup_epochs must be >= 0, got {m.constraint_warmup_epochs}"
-            )
+        self.ignore_unwritten = ignores_unwritten(m)
         batch = self.cfg.data.batch_size
         self.bank = self.build_bank(
             max(m.k, batch),
@@ -122,11 +127,6 @@ class CMSFBase(SSLMethod):
         return [(self.bank, self.cfg.method.k)]
 
     # ----------------------------------------------------------------- helpers
-    @property
-    def original_early_training(self) -> bool:
-        """True when the original's first-epoch behaviour is reproduced (no warm-up)."""
-        return self.cfg.method.constraint_warmup_epochs == 0
-
     def constraint_active(self) -> bool:
         """False during the warm-up epochs (plain MSF neighbours)."""
         return self.current_epoch >= self.cfg.method.constraint_warmup_epochs
@@ -150,20 +150,17 @@ class CMSFBase(SSLMethod):
         unc = self.unconstrained(u) if plain else None
         extra: dict[str, Tensor] = {}
         if constrained is None:
-            loss = masked_msf_loss(q, self.bank.gather(unc.indices))
+            loss = regression_loss(q, self.bank.gather(unc.indices))
             chosen = unc
         else:
             valid = constrained.valid if m.short_neighbours == "valid_only" else None
             idx = constrained.indices.clamp(min=0)  # strict searches are not used here
-            loss = masked_msf_loss(q, self.bank.gather(idx), valid)
+            loss = regression_loss(q, self.bank.gather(idx), valid)
             if self.mix_unconstrained:
-                loss = 0.5 * (loss + masked_msf_loss(q, self.bank.gather(unc.indices)))
+                loss = 0.5 * (loss + regression_loss(q, self.bank.gather(unc.indices)))
             extra["short_queries"] = (~constrained.valid).any(dim=1).sum().float()
             chosen = constrained
-        purity = neighbour_purity(self.bank.payload("labels")[chosen.indices.clamp(min=0)], labels)
-        if purity is not None:
-            extra["purity"] = purity
-        return loss, extra
+        return loss, {**extra, **neighbour_purity(self.bank, chosen.indices, labels)}
 
     def gather_batch(self, **tensors: Tensor) -> dict[str, Tensor]:
         """All-gather per-sample tensors (rank order); identical on every rank."""
@@ -171,13 +168,19 @@ class CMSFBase(SSLMethod):
 
     def compute_loss(self, views: list[Tensor], labels: Tensor, index: Tensor):
         q, u = self.embed(views)
-        g = self.gather_batch(u=u, labels=labels.long(), index=index.long())
+        columns = self.batch_columns(u, labels.long(), index.long())
+        g = self.gather_batch(**columns)
         self.write_caches(g)
         self.bank.enqueue(g["u"], gathered=True, **self.bank_row_payloads(g))
         constrained = self.constrained(u, labels, index) if self.constraint_active() else None
-        return self.finish(q, u, labels, constrained)
+        loss, extra = self.finish(q, u, labels, constrained)
+        return loss, {**extra, **self.batch_metrics(columns)}
 
     # ----------------------------------------------------------------- variant hooks
+    def batch_columns(self, u: Tensor, labels: Tensor, index: Tensor) -> dict[str, Tensor]:
+        """The per-sample columns of the local batch that every rank receives (gathered)."""
+        return {"u": u, "labels": labels, "index": index}
+
     def write_caches(self, g: dict[str, Tensor]) -> None:
         """Update per-image state from the gathered batch (before the enqueue)."""
 
@@ -188,6 +191,10 @@ class CMSFBase(SSLMethod):
     def constrained(self, u: Tensor, labels: Tensor, index: Tensor) -> SearchResult:
         """The constrained neighbours of the local queries."""
         raise NotImplementedError
+
+    def batch_metrics(self, columns: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Extra values to log from the local batch's columns."""
+        return {}
 
 
 # --------------------------------------------------------------------- supervised
@@ -208,6 +215,11 @@ class CMSFCacheConfig(CMSFConfig):
     ``cache_device``: ``model`` (the model's device, as the original) or ``cpu``.
     ``cache_dtype``: ``fp32`` / ``fp16`` / ``bf16``.
     """
+
+    CHOICES: ClassVar[dict[str, Sequence[str]]] = {
+        "cache_device": ("model", "cpu"),
+        "cache_dtype": ("fp32", "fp16", "bf16"),
+    }
 
     k: int = 5
     num_samples: int | None = None
@@ -238,7 +250,7 @@ class _CachedCMSF(CMSFBase):
             slots=self.cache_slots,
             dtype=m.cache_dtype,
             device=m.cache_device,
-            init=self.cache_init if self.original_early_training else "unit",
+            init=self.cache_init,
             seed=self.cfg.run.seed + 1,
         )
 
@@ -248,7 +260,7 @@ class _CachedCMSF(CMSFBase):
     def bank_images(self, start: int, end: int) -> tuple[Tensor, Tensor]:
         """Dataset index of bank rows ``start:end`` and which rows hold a written entry.
 
-        Never-written rows (index -1) read as the last image in the original's mode.
+        Never-written rows (index -1) read as the last image, as in the original.
         """
         idx = self.bank.payload("index")[start:end]
         written = idx >= 0
@@ -262,6 +274,15 @@ class CMSF2QConfig(CMSFCacheConfig):
     name: str = "cmsf_2q"
     k_prime: int = 5
 
+    def check(self) -> None:
+        super().check()
+        require(
+            self.k <= self.k_prime <= self.bank_size,
+            ("k_prime", "k", "bank_size"),
+            f"must lie in [method.k={self.k}, method.bank_size={self.bank_size}], "
+            f"got {self.k_prime}",
+        )
+
 
 @METHODS.register("cmsf_2q")
 class CMSF2Q(_CachedCMSF):
@@ -273,16 +294,9 @@ class CMSF2Q(_CachedCMSF):
 
     config_class = CMSF2QConfig
     cache_slots = 2
-    cache_init = "normal"  # the original's unnormalised random first-epoch "previous" rows
-
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        m = self.cfg.method
-        if not m.k <= m.k_prime <= m.bank_size:
-            raise ValueError(
-                f"method.k_prime must lie in [method.k={m.k}, method.bank_size={m.bank_size}], "
-                f"got {m.k_prime}"
-            )
+    # The original's unnormalised random first-epoch "previous" rows. Ignored entries are never
+    # read, so the choice only matters when they are used.
+    cache_init = "normal"
 
     def _previous_blocks(self, device: torch.device, chunk: int):
         """The second bank, block by block: each bank row's image's previous-visit embedding."""
@@ -290,11 +304,11 @@ class CMSF2Q(_CachedCMSF):
         for start in range(0, size, chunk):
             images, written = self.bank_images(start, min(start + chunk, size))
             rows = self.cache.previous(images).to(device)
-            if self.original_early_training:
-                yield start, rows
-            else:  # only rows whose image has a real previous visit
+            if self.ignore_unwritten:  # only rows whose image has a real previous visit
                 twice = self.cache.visits[images.to(self.cache.device)] >= 2
                 yield start, rows, (written.to(device) & twice.to(device))
+            else:
+                yield start, rows
 
     def constrained(self, u: Tensor, labels: Tensor, index: Tensor) -> SearchResult:
         m = self.cfg.method
@@ -307,10 +321,10 @@ class CMSF2Q(_CachedCMSF):
         sims = sims.masked_fill(~torch.isfinite(sims2), float("-inf"))
         top_sims, pos = sims.topk(m.k, dim=1)
         result = SearchResult(top_sims, cand.gather(1, pos), torch.ones_like(pos, dtype=torch.bool))
-        if self.original_early_training:
+        if not self.ignore_unwritten:
             return result
-        # Improved mode: a query without a previous visit, or with fewer than k candidates
-        # that have one, keeps its unconstrained (MSF) neighbours.
+        # A query without a previous visit, or with fewer than k candidates that have one,
+        # keeps its unconstrained (MSF) neighbours.
         fresh = (self.cache.visits[index.to(self.cache.device)] < 2).to(u.device)
         fallback = (fresh | ~torch.isfinite(top_sims).all(dim=1)).unsqueeze(1)
         if not bool(fallback.any()):
@@ -331,6 +345,8 @@ class CMSFKMConfig(CMSFCacheConfig):
     (the faster search backend for the assignment step, and its implementation; see
     ``ssl_lib.memory.kmeans``).
     """
+
+    CHOICES: ClassVar[dict[str, Sequence[str]]] = {"kmeans_backend": ("auto", "faiss", "torch")}
 
     name: str = "cmsf_km"
     num_clusters: int = 50000
@@ -366,7 +382,7 @@ class CMSFKMeans(_CachedCMSF):
         """Re-label every bank row with the current cluster of its image."""
         images, written = self.bank_images(0, self.bank.size)
         clusters = self.cluster_ids[images.to(self.cluster_ids.device)]
-        if not self.original_early_training:
+        if self.ignore_unwritten:  # in no cluster
             clusters = clusters.masked_fill(~written.to(clusters.device), -1)
         self.bank.payload("clusters").copy_(clusters)
 

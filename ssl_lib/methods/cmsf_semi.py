@@ -14,11 +14,17 @@ round; its weights persist across rounds. Between rounds it is frozen (eval mode
 the main optimiser and DDP's gradient synchronisation; after a round rank 0's weights are
 broadcast so every rank labels identically.
 
+The step is CMSF's (``CMSFBase.compute_loss``); this variant adds the pseudo-label and
+labelled-mask columns to the gathered batch, stores the pseudo-labels with the bank rows,
+writes the labelled rows into the buffer and constrains on the pseudo-labels.
+
 Differences from the original, by design: the buffer of labelled embeddings wraps around like
 the memory bank instead of sliding its pointer back to write a batch contiguously (same
-contents up to which old rows are replaced first). With ``constraint_warmup_epochs: 0`` the
-first round also trains on the never-filled rows (random vectors, class 0) as the original
-does; with a warm-up those rows are ignored and no pseudo-label is used during the warm-up.
+contents up to which old rows are replaced first). With ``unwritten_entries: use`` (the
+default without a warm-up) the untrained labeller labels from the first step and the first
+round also trains on the never-filled rows (random vectors, class 0), as the original does;
+with ``ignore`` those rows are left out and no pseudo-label is used before the first round and
+the end of the warm-up.
 """
 
 from __future__ import annotations
@@ -31,13 +37,13 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from ssl_lib.config import ConfigError
 from ssl_lib.data.sampling import batch_bounds
 from ssl_lib.distributed import is_dist
-from ssl_lib.memory import MemoryBank, SameLabel
+from ssl_lib.memory import MemoryBank, SameLabel, SearchResult
 from ssl_lib.methods.cmsf import CMSFBase, CMSFConfig, set_num_samples
 from ssl_lib.methods.registry import METHODS
 from ssl_lib.models import MLPConfig, build_mlp
+from ssl_lib.schema import ConfigError, require
 
 
 @dataclass
@@ -56,6 +62,12 @@ class CMSFSemiConfig(CMSFConfig):
     pseudo_epochs: int = 10
     pseudo_batch_size: int = 256
     sup_cache_size: int = 128000
+
+    def check(self) -> None:
+        super().check()
+        require(
+            0 < self.confidence <= 1, "confidence", f"must lie in (0, 1], got {self.confidence}"
+        )
 
 
 def train_classifier(
@@ -137,8 +149,6 @@ class CMSFSemiSupervised(CMSFBase):
                     "needs at least 2 labelled embeddings per batch in training; set it to 2 "
                     "or more"
                 )
-        if not 0 < m.confidence <= 1:
-            raise ValueError(f"method.confidence must lie in (0, 1], got {m.confidence}")
         self.pseudo_head = build_mlp(
             self.embed_dim, MLPConfig(hidden_dim=m.pseudo_hidden_dim, out_dim=m.num_classes)
         )
@@ -167,37 +177,39 @@ class CMSFSemiSupervised(CMSFBase):
             )
         self.is_labelled.copy_(mask)
 
-    # ----------------------------------------------------------------- step
+    # ----------------------------------------------------------------- step hooks
     @torch.no_grad()
     def pseudo_labels(self, u: Tensor, labels: Tensor, index: Tensor) -> Tensor:
         """True label for labelled images, confident pseudo-label or -1 for the others."""
         labelled = self.is_labelled[index.to(self.is_labelled.device)].to(u.device)
         unknown = torch.full_like(labels, -1)
-        # The original labels with the head from the first step on (untrained at first).
-        if self.original_early_training or (
-            self.constraint_active() and int(self.pseudo_rounds) > 0
-        ):
+        trained = self.constraint_active() and int(self.pseudo_rounds) > 0
+        if trained or not self.ignore_unwritten:  # the original labels from the first step
             self.pseudo_head.eval()
             conf, pred = F.softmax(self.pseudo_head(u), dim=1).max(dim=1)
             unknown = torch.where(conf >= self.cfg.method.confidence, pred, unknown)
         return torch.where(labelled, labels, unknown)
 
-    def compute_loss(self, views: list[Tensor], labels: Tensor, index: Tensor):
-        q, u = self.embed(views)
-        labels = labels.long()
-        pseudo = self.pseudo_labels(u, labels, index)
+    def batch_columns(self, u: Tensor, labels: Tensor, index: Tensor) -> dict[str, Tensor]:
         labelled = self.is_labelled[index.to(self.is_labelled.device)].to(u.device)
-        g = self.gather_batch(u=u, labels=labels, index=index.long(), pseudo=pseudo, sup=labelled)
-        self.bank.enqueue(
-            g["u"], gathered=True, labels=g["labels"], index=g["index"], pseudo=g["pseudo"]
-        )
+        pseudo = self.pseudo_labels(u, labels, index)
+        return {**super().batch_columns(u, labels, index), "pseudo": pseudo, "sup": labelled}
+
+    def write_caches(self, g: dict[str, Tensor]) -> None:
         self.sup_cache.enqueue(g["u"][g["sup"]], gathered=True, labels=g["labels"][g["sup"]])
-        constrained = self.bank.search(u, self.cfg.method.k, SameLabel(pseudo, payload="pseudo"))
-        loss, extra = self.finish(q, u, labels, constrained)
-        unlabelled = ~labelled
-        confident = ((pseudo >= 0) & unlabelled).sum() / unlabelled.sum().clamp(min=1)
-        extra["confident_unlabelled"] = confident.float()  # share of unlabelled queries
-        return loss, extra
+
+    def bank_row_payloads(self, g: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {**super().bank_row_payloads(g), "pseudo": g["pseudo"]}
+
+    def constrained(self, u: Tensor, labels: Tensor, index: Tensor) -> SearchResult:
+        pseudo = self.pseudo_labels(u, labels.long(), index)
+        return self.bank.search(u, self.cfg.method.k, SameLabel(pseudo, payload="pseudo"))
+
+    def batch_metrics(self, columns: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``confident_unlabelled``: the share of unlabelled queries with a pseudo-label."""
+        unlabelled = ~columns["sup"]
+        confident = ((columns["pseudo"] >= 0) & unlabelled).sum() / unlabelled.sum().clamp(min=1)
+        return {"confident_unlabelled": confident.float()}
 
     # ----------------------------------------------------------------- pseudo-labeller
     @torch.no_grad()
@@ -206,11 +218,11 @@ class CMSFSemiSupervised(CMSFBase):
         m = self.cfg.method
         feats = self.sup_cache.gather(torch.arange(self.sup_cache.size))
         labels = self.sup_cache.payload("labels")
-        if self.original_early_training:
-            labels = labels.clamp(min=0)  # unfilled rows train as class 0, as in the original
-        else:
+        if self.ignore_unwritten:
             keep = labels >= 0
             feats, labels = feats[keep], labels[keep]
+        else:
+            labels = labels.clamp(min=0)  # unfilled rows train as class 0, as in the original
         if labels.numel() >= 2:
             head = copy.deepcopy(self.pseudo_head).requires_grad_(True)
             with torch.enable_grad():

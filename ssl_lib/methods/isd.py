@@ -14,14 +14,16 @@ The anchors are the bank *before* this step's enqueue; the teacher embeddings ar
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ssl_lib.config import BankMethodConfig
-from ssl_lib.methods.base import SSLMethod, neighbour_purity
+from ssl_lib.methods.base import BankMethodConfig, SSLMethod
+from ssl_lib.methods.losses import neighbour_purity
 from ssl_lib.methods.registry import METHODS
 
 PURITY_K = 5
@@ -50,6 +52,8 @@ class ISDConfig(BankMethodConfig):
     ``bank_init``: ``rows`` (L2-normalised random rows, ISD-plus) or ``columns`` (the random
     K x D queue normalised along dim 0, as ISD-R18's ``train_isd.py`` does).
     """
+
+    CHOICES: ClassVar[dict[str, Sequence[str]]] = {"bank_init": ("rows", "columns")}
 
     name: str = "isd"
     teacher_temperature: float = 0.01
@@ -83,10 +87,7 @@ class ISD(SSLMethod):
         loss = isd_loss(
             student @ anchors.T, teacher_sims, m.student_temperature, m.teacher_temperature
         )
-        extra = {}
         top = teacher_sims.topk(min(PURITY_K, self.bank.size), dim=1).indices
-        purity = neighbour_purity(self.bank.payload("labels")[top], labels)
-        if purity is not None:
-            extra["purity"] = purity
+        extra = neighbour_purity(self.bank, top, labels)
         self.enqueue_after_step(teacher, labels=labels)  # anchors exclude the current batch
         return loss, extra

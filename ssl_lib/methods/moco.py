@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ssl_lib.config import BankMethodConfig
-from ssl_lib.methods.base import SSLMethod
+from ssl_lib.methods.base import BankMethodConfig, SSLMethod
 from ssl_lib.methods.registry import METHODS
 
 

@@ -1,6 +1,7 @@
 """Backbones and MLP heads."""
 
 from ssl_lib.models.backbones import BACKBONES, StagedBackbone, backbone_names, build_backbone
+from ssl_lib.models.batchnorm import one_sample_batchnorms
 from ssl_lib.models.heads import MLPConfig, build_mlp
 
 __all__ = [
@@ -10,4 +11,5 @@ __all__ = [
     "backbone_names",
     "build_backbone",
     "build_mlp",
+    "one_sample_batchnorms",
 ]

@@ -35,14 +35,6 @@ class StagedBackbone(nn.Module):
         self.stage_dims = list(stage_dims)
         self.feat_dim = stage_dims[-1]
 
-    def forward_stages(self, x: Tensor) -> list[Tensor]:
-        """Return the feature map after every stage."""
-        outs = []
-        for stage in self.stages:
-            x = stage(x)
-            outs.append(x)
-        return outs
-
     def forward(self, x: Tensor) -> Tensor:
         for stage in self.stages:
             x = stage(x)
