@@ -19,6 +19,8 @@ from torch import Tensor
 
 from ssl_lib.checkpoints import CheckpointError, atomic_save
 from ssl_lib.config import ConfigError
+from ssl_lib.eval.runner import load_checkpoint_model
+from ssl_lib.methods import METHODS
 from ssl_lib.models.backbones import RESNET_ARCHS
 
 FORMATS = ("torchvision", "timm", "state_dict")
@@ -170,9 +172,6 @@ def export_weights(
 
     Every check runs before anything is written.
     """
-    from ssl_lib.eval.runner import load_checkpoint_model
-    from ssl_lib.methods import METHODS
-
     checkpoint, out = Path(checkpoint), Path(out)
     if fmt is not None and fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not accepted; choose from {', '.join(FORMATS)}")
