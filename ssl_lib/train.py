@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 import torch.distributed as dist
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
@@ -196,6 +197,41 @@ class LastCheckpoint(pl.Callback):
     ) -> None:
         if isinstance(exception, SIGTERMException):
             self._save(trainer)
+
+
+class SigtermSync(pl.Callback):
+    """Answers a SIGTERM on every process after the same batch.
+
+    Lightning's own handler broadcasts from inside the signal handler and each process checks
+    its own flag at the epoch end, so a SIGTERM that reaches one process (or reaches them at
+    different moments) can leave the processes in different collectives, waiting forever. Here
+    the handler only sets a flag; after every batch all processes combine their flags with one
+    all-reduce and, if any was set, all stop after that batch through Lightning's SIGTERM path
+    (checkpoint, status 143).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False  # this process received SIGTERM
+        self.stopping = False  # some process did: the run stops after this batch
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning registers its handlers just before training starts; this replaces them for
+        # the rest of the fit (Lightning restores the original handlers at teardown).
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        flag = self.requested
+        if is_dist():
+            tensor = torch.tensor([float(flag)], device=pl_module.device)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            flag = bool(tensor.item())
+        if flag:
+            self.stopping = True
+            trainer._signal_connector.received_sigterm = True
 
 
 class StepLimit(pl.Callback):
@@ -435,10 +471,12 @@ def train(
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     ckpt_dir = run_dir / "checkpoints"
     step_limit = StepLimit(t.max_steps)
+    sigterm = SigtermSync()
     metrics = MetricsJSON(run_dir / "metrics.json")
     progress_bar = t.progress_bar and not console.is_quiet()
     callbacks = [
         step_limit,  # first: it decides before the other callbacks see the batch's end
+        sigterm,
         ModelCheckpoint(
             dirpath=ckpt_dir,
             filename="epoch{epoch:04d}",
@@ -482,7 +520,7 @@ def train(
         last_good = _describe_checkpoint(last)
         raise NonFiniteLossError(f"{err}. Last good checkpoint: {last_good}") from None
     except SIGTERMException:
-        if step_limit.reached and not watchdog.received:
+        if step_limit.reached and not sigterm.stopping:
             reason = f"stopped at trainer.max_steps={t.max_steps}"
             _finish(trainer, reason, run_dir, last, metrics)
             return run_dir
