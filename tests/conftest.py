@@ -1,4 +1,5 @@
-"""Shared fixtures: the real CIFAR-10 images beside the checkout and small configs."""
+"""Shared fixtures (the real CIFAR-10 images beside the checkout, small configs) and the
+settings that let the suite run on two pytest-xdist workers (``-n 2`` in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,24 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+import torch
 
 from ssl_lib.config import config_from_dict
 
 CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each worker gets one core of CI's two: one intra-op thread here and, through
+    # OMP_NUM_THREADS, in every process a test starts (ssl-lib subprocesses, DDP workers). Two
+    # workers with two threads each run the suite slower than one thread each.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Slow tests first: xdist hands out tests in this order, so the long learning runs start
+    at once on both workers and the short tests fill the gaps at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture

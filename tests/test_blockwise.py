@@ -190,12 +190,14 @@ def test_sequential_schedule_freezes_earlier_blocks(make_config, epochs_per_bloc
 @pytest.mark.slow
 @pytest.mark.usefixtures("single_thread")
 def test_short_run_beats_random_init_per_block(tmp_path):
+    # Measured 20-NN of the last block's head, one thread: random init 0.392; after 2 / 4 / 16
+    # epochs (14 / 28 / 112 steps) 0.606 / 0.729 / 0.842.
     cfg = load_config(
         "demo/barlow_twins",
         [
             "method.name=blockwise_barlow_twins",
             "method.head_dim=64",
-            "trainer.max_epochs=16",
+            "trainer.max_epochs=4",
             f"run.output_dir={tmp_path}",
             "trainer.progress_bar=false",
         ],
