@@ -12,7 +12,11 @@ from ssl_lib.config import ConfigError, list_recipes, load_config, load_eval_con
 from ssl_lib.data.datasets import DataError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
-DEFAULT_EVAL_RECIPES = {"knn": "eval/knn_umbc", "linear": "eval/linear_cached"}
+DEFAULT_EVAL_RECIPES = {
+    "knn": "eval/knn_umbc",
+    "linear": "eval/linear_cached",
+    "cluster": "eval/cluster_alignment",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("recipe", nargs="?", help="recipe file or shipped name (ssl-lib recipes)")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.1")
     tr.add_argument("--resume", metavar="RUN_DIR|CKPT", help="continue a run")
-    ev = sub.add_parser("eval", help="evaluate a checkpoint: ssl-lib eval knn|linear CKPT ...")
+    ev = sub.add_parser(
+        "eval", help="evaluate a checkpoint: ssl-lib eval knn|linear|cluster CKPT ..."
+    )
     ev_sub = ev.add_subparsers(dest="protocol", required=True)
     for protocol, recipe in DEFAULT_EVAL_RECIPES.items():
         p = ev_sub.add_parser(
@@ -119,20 +125,23 @@ def run(argv: Sequence[str]) -> int:
 
 
 def evaluate(protocol: str, checkpoint: str, args: list[str]) -> None:
-    """``ssl-lib eval knn|linear CHECKPOINT [RECIPE] [key=value ...]``: table and JSON."""
-    from ssl_lib.eval.runner import results_table, run_knn, run_linear
+    """``ssl-lib eval knn|linear|cluster CHECKPOINT [RECIPE] [key=value ...]``: table and JSON."""
+    from ssl_lib.eval.runner import results_table, run_cluster, run_knn, run_linear
 
     recipe = DEFAULT_EVAL_RECIPES[protocol]
     if args and "=" not in args[0]:
         recipe, args = args[0], args[1:]
     cfg = load_eval_config(recipe, args)
-    record, path = (run_knn if protocol == "knn" else run_linear)(checkpoint, cfg)
+    runners = {"knn": run_knn, "linear": run_linear, "cluster": run_cluster}
+    record, path = runners[protocol](checkpoint, cfg)
     print(
         f"{protocol} evaluation of {checkpoint} ({record['num_train']} train / "
         f"{record['num_val']} val images, {len(record['classes'])} classes)"
     )
     print(results_table(protocol, record["results"]))
     print(f"results:      {path}")
+    if protocol == "cluster":
+        print(f"confusion:    {path.with_suffix('.png')}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

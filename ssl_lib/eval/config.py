@@ -1,4 +1,4 @@
-"""The evaluation recipe schema (``ssl-lib eval knn|linear``), with its checks.
+"""The evaluation recipe schema (``ssl-lib eval knn|linear|cluster``), with its checks.
 
 Loaded like a training recipe (``ssl_lib.config.load_eval_config``): inheritance, overrides
 and errors that name the file and the key.
@@ -141,6 +141,38 @@ class LinearEvalConfig(Section):
 
 
 @dataclass
+class ClusterEvalConfig(Section):
+    """Cluster alignment (``ssl_lib.eval.cluster.cluster_alignment``; CompRess, arXiv 2010.14713).
+
+    ``num_clusters``: k-means clusters of the train features (``null`` = the number of
+    classes). ``iters``: Lloyd iterations. ``score``: ``precision`` (overlap divided by the
+    cluster's size, as CompRess) or ``count`` (the overlap itself) for the one-to-one matching.
+    ``backend``: the k-means implementation of ``ssl_lib.memory.kmeans`` (``faiss`` as the
+    original, ``torch`` or ``auto``).
+    """
+
+    CHOICES: ClassVar[dict[str, Sequence[str]]] = {
+        "score": ("precision", "count"),
+        "backend": ("faiss", "torch", "auto"),
+    }
+
+    num_clusters: int | None = None
+    iters: int = 20
+    score: str = "precision"
+    backend: str = "faiss"
+    seed: int = 0
+
+    def check(self) -> None:
+        super().check()
+        require(
+            self.num_clusters is None or self.num_clusters >= 1,
+            "num_clusters",
+            f"must be at least 1 (or null = the number of classes), got {self.num_clusters}",
+        )
+        require(self.iters >= 1, "iters", f"must be at least 1, got {self.iters}")
+
+
+@dataclass
 class EvalConfig(Section):
     """An evaluation recipe; ``output``: the results JSON (``null`` = ``<run>/eval/``)."""
 
@@ -148,6 +180,7 @@ class EvalConfig(Section):
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     knn: KNNEvalConfig = field(default_factory=KNNEvalConfig)
     linear: LinearEvalConfig = field(default_factory=LinearEvalConfig)
+    cluster: ClusterEvalConfig = field(default_factory=ClusterEvalConfig)
     output: str | None = None
 
 

@@ -1,4 +1,4 @@
-"""``ssl-lib eval knn`` and ``ssl-lib eval linear``: checkpoint -> features -> results JSON.
+"""``ssl-lib eval knn|linear|cluster``: checkpoint -> features -> results JSON.
 
 Features are extracted once per checkpoint, dataset, transform and feature source and kept in
 a :class:`~ssl_lib.eval.features.FeatureCache` (default ``<run folder>/eval/features``), so a
@@ -20,10 +20,12 @@ from ssl_lib.config import ConfigError, DataConfig
 from ssl_lib.data import VIEWS, IndexedDataset, build_base_dataset, file_list, image_folder
 from ssl_lib.data.datasets import CIFAR, DataError, cifar, subsample
 from ssl_lib.eval import features as feature_io
+from ssl_lib.eval.cluster import cluster_alignment, plot_confusion
 from ssl_lib.eval.features import FeatureCache
 from ssl_lib.eval.knn import knn_evaluate
 from ssl_lib.eval.linear import linear_augmented, linear_cached
 from ssl_lib.files import atomic_write_text, run_folder_of, unused_path
+from ssl_lib.memory.search import faiss_available
 from ssl_lib.methods import SSLMethod, load_method
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -243,8 +245,52 @@ def run_linear(checkpoint: str | Path, cfg: DictConfig) -> tuple[dict, Path]:
     return ev.report("linear", {"protocol": lin.protocol, **results})
 
 
+def run_cluster(checkpoint: str | Path, cfg: DictConfig) -> tuple[dict, Path]:
+    """Cluster alignment of ``checkpoint`` (:func:`ssl_lib.eval.cluster.cluster_alignment`).
+
+    Writes the JSON record, and beside it (same name, ``.png``) the train and val confusion
+    matrices with the clusters permuted to their matched classes; returns the record and the
+    JSON path. Raises ``ConfigError`` before anything is written when ``cluster.num_clusters``
+    exceeds the number of train images.
+    """
+    ev = Evaluation(checkpoint, cfg)
+    c = cfg.cluster
+    k = ev.num_classes if c.num_clusters is None else c.num_clusters
+    if k > len(ev.train_set):
+        raise ConfigError(
+            f"cluster.num_clusters: {k} clusters need at least {k} train images, got "
+            f"{len(ev.train_set)}; lower cluster.num_clusters or use more train images"
+        )
+    if c.backend == "faiss" and not faiss_available():
+        raise ConfigError(
+            "cluster.backend=faiss needs the faiss package; or set cluster.backend=torch"
+        )
+    train_feats, train_labels = ev.features(train=True)
+    val_feats, val_labels = ev.features(train=False)
+    results, counts = cluster_alignment(
+        train_feats,
+        train_labels,
+        val_feats,
+        val_labels,
+        ev.num_classes,
+        num_clusters=k,
+        iters=c.iters,
+        seed=c.seed,
+        score=c.score,
+        backend=c.backend,
+    )
+    classes = list(ev.train_set.classes)
+    results["mapping_classes"] = [classes[y] if y >= 0 else None for y in results["mapping"]]
+    record, path = ev.report("cluster", results)
+    plot_confusion(counts, torch.tensor(results["mapping"]), classes, path.with_suffix(".png"))
+    return record, path
+
+
 def results_table(command: str, results: dict) -> str:
     """The accuracies of a results dict as an aligned text table (``n/a`` for ``None``)."""
+    if command == "cluster":
+        head = f"cluster alignment (K={results['num_clusters']}, {results['score']})"
+        return f"{head}\n  train  {results['train_acc']:7.2f}\n  val    {results['val_acc']:7.2f}"
     if command == "knn":
         rows = {}
         for key, value in results.items():

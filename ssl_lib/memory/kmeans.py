@@ -1,4 +1,4 @@
-"""k-means clustering of cached embeddings (CMSF-KM's per-epoch pseudo-labels).
+"""k-means clustering of embeddings (CMSF-KM's per-epoch pseudo-labels, cluster alignment).
 
 Every nearest-centroid assignment is an exact search of :mod:`ssl_lib.memory.search`
 (``metric="l2"``, k = 1, the points as queries and the centroids as the bank); ``backend``
@@ -38,8 +38,13 @@ from ssl_lib.memory.search import (
 )
 
 
-def _assign(x: Tensor, centroids: Tensor, backend: str) -> Tensor:
-    """Index of the nearest centroid (L2; the lowest index among exact ties) of each row of x."""
+def nearest_centroid(x: Tensor, centroids: Tensor, backend: str = "auto") -> Tensor:
+    """Index of the nearest centroid of each row of ``x``: int64 (N,) on ``x``'s device.
+
+    ``x``: N x D float points; ``centroids``: K x D float. Exact L2 search (k = 1) with the
+    search backend ``backend`` (``auto``, ``torch`` or ``faiss``); among exactly tied centroids
+    the lowest index wins. Raises ``ValueError`` for mismatched dimensions or an unknown backend.
+    """
     nearest = search(
         centroids,
         x,
@@ -52,7 +57,7 @@ def _assign(x: Tensor, centroids: Tensor, backend: str) -> Tensor:
     return nearest.indices[:, 0]
 
 
-def _faiss_kmeans(x: Tensor, num_clusters: int, iters: int, seed: int) -> Tensor:
+def _faiss_kmeans(x: Tensor, num_clusters: int, iters: int, seed: int) -> tuple[Tensor, Tensor]:
     import faiss
 
     on_gpu = bool(x.is_cuda and faiss_gpu_available())
@@ -69,10 +74,12 @@ def _faiss_kmeans(x: Tensor, num_clusters: int, iters: int, seed: int) -> Tensor
     km.train(data.numpy())
     points = x if on_gpu else data
     centroids = torch.from_numpy(km.centroids).to(points.device)
-    return _assign(points, centroids, "faiss").to(x.device)
+    return centroids.to(x.device), nearest_centroid(points, centroids, "faiss").to(x.device)
 
 
-def _torch_kmeans(x: Tensor, centroids: Tensor, assign: Tensor, iters: int) -> Tensor:
+def _torch_kmeans(
+    x: Tensor, centroids: Tensor, assign: Tensor, iters: int
+) -> tuple[Tensor, Tensor]:
     """Lloyd iterations from ``centroids``, whose assignment ``assign`` is already known."""
     num_clusters = centroids.shape[0]
     for _ in console.progress(range(iters), "k-means"):
@@ -80,8 +87,8 @@ def _torch_kmeans(x: Tensor, centroids: Tensor, assign: Tensor, iters: int) -> T
         counts = torch.bincount(assign, minlength=num_clusters).unsqueeze(1)
         filled = counts.squeeze(1) > 0
         centroids[filled] = sums[filled] / counts[filled]
-        assign = _assign(x, centroids, "torch")
-    return assign
+        assign = nearest_centroid(x, centroids, "torch")
+    return centroids, assign
 
 
 @torch.no_grad()
@@ -89,11 +96,24 @@ def kmeans(
     x: Tensor, num_clusters: int, iters: int = 20, seed: int = 0, backend: str = "auto"
 ) -> Tensor:
     """Cluster the rows of ``x`` (N x D, float) into ``num_clusters``; returns int64 ids (N,)
-    on ``x``'s device.
+    on ``x``'s device. The cluster ids of :func:`kmeans_fit`, which also returns the centroids.
+    """
+    return kmeans_fit(x, num_clusters, iters, seed, backend)[1]
 
-    Deterministic for a given ``seed``, backend and device (``auto``: once its choice is made).
-    Raises ``ValueError`` for ``num_clusters`` outside ``[1, N]``, ``iters < 1``, an unknown
-    backend, or ``faiss`` without the faiss package.
+
+@torch.no_grad()
+def kmeans_fit(
+    x: Tensor, num_clusters: int, iters: int = 20, seed: int = 0, backend: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    """k-means (Lloyd, L2) of the rows of ``x`` (N x D, float) into ``num_clusters``.
+
+    Returns ``(centroids, ids)``: float32 ``num_clusters x D`` and int64 (N,), both on ``x``'s
+    device; ``ids`` is every row's nearest centroid (:func:`nearest_centroid`), so other points
+    (e.g. a validation set) are assigned to the same clusters with
+    ``nearest_centroid(points, centroids)``. Deterministic for a given ``seed``, backend and
+    device (``auto``: once its choice is made). Raises ``ValueError`` for ``num_clusters``
+    outside ``[1, N]``, ``iters < 1``, an unknown backend, or ``faiss`` without the faiss
+    package.
     """
     if not 1 <= num_clusters <= x.shape[0]:
         raise ValueError(
@@ -110,7 +130,7 @@ def kmeans(
     gen = torch.Generator().manual_seed(seed)
     start = torch.randperm(x.shape[0], generator=gen)[:num_clusters].to(x.device)
     centroids = x[start].clone()
-    assign = _assign(x, centroids, backend)
+    assign = nearest_centroid(x, centroids, backend)
     if backend == "auto":
         case = SearchCase.of(
             centroids, x.shape[0], 1, x.device, DEFAULT_BANK_CHUNK, DEFAULT_QUERY_CHUNK, "l2"
