@@ -58,6 +58,19 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", help="torchvision, timm or state_dict (default: the twin)")
     ex.add_argument("--part", default="backbone", help="backbone (default) or target (EMA)")
     ex.add_argument("--force", action="store_true", help="replace an existing OUT")
+    da = sub.add_parser("data", help="data tools: ssl-lib data subset ROOT ...")
+    da_sub = da.add_subparsers(dest="tool", required=True)
+    ds = da_sub.add_parser(
+        "subset", help="seeded, class-balanced labelled file list (e.g. 1 or 10 percent)"
+    )
+    ds.add_argument("root", help="image folder ROOT/<class>/<image>")
+    ds.add_argument("--fraction", type=float, required=True, help="share of each class, (0, 1]")
+    ds.add_argument("--seed", type=int, default=0, help="seed of the choice (default 0)")
+    ds.add_argument(
+        "--classes", help="imagenet100 or a file of class names (default: every class folder)"
+    )
+    ds.add_argument("--out", required=True, help="the file list to write")
+    ds.add_argument("--force", action="store_true", help="replace an existing OUT")
     sub.add_parser("methods", help="list the registered methods")
     sub.add_parser("recipes", help="list the shipped recipes")
     sub.add_parser("backbones", help="list the built-in backbones")
@@ -108,6 +121,14 @@ def run(argv: Sequence[str]) -> int:
             return 1
     elif args.command == "eval":
         evaluate(args.protocol, args.checkpoint, args.args)
+    elif args.command == "data":
+        from ssl_lib.data.subsets import write_labelled_subset
+
+        print(
+            write_labelled_subset(
+                args.root, args.out, args.fraction, args.seed, args.classes, args.force
+            )
+        )
     elif args.command == "export":
         from ssl_lib.export import export_weights
 

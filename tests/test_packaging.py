@@ -66,6 +66,7 @@ def test_wheel_installs_and_runs_from_any_folder(tmp_path):
     assert "ssl_lib/recipes/demo/msf.yaml" in names
     assert "ssl_lib/recipes/imagenet/_umbc.yaml" in names  # bases ship too
     assert "ssl_lib/recipes/eval/_cifar10.yaml" in names
+    assert "ssl_lib/data/class_lists/imagenet100.txt" in names  # package data beyond recipes
 
     bin_dir, env = fresh_venv(tmp_path)
     python = bin_dir / "python"

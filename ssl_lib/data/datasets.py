@@ -412,6 +412,23 @@ def _sample_paths(ds: Dataset) -> list[str] | None:
     return None
 
 
+def class_balanced_mask(targets: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
+    """Bool mask (N,) choosing ``max(1, round(fraction * n_c))`` items of each class ``c``.
+
+    ``targets``: integer labels (N,); ``fraction`` in (0, 1]. Classes are visited in increasing
+    label order and each draws a ``torch.randperm`` of its members (in the order of
+    ``targets``) from one generator seeded with ``seed``, so the choice depends only on the
+    labels, their order and the seed.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(len(targets), dtype=torch.bool)
+    for c in targets.unique().tolist():
+        members = (targets == c).nonzero().flatten()
+        take = max(1, round(fraction * len(members)))
+        mask[members[torch.randperm(len(members), generator=gen)[:take]]] = True
+    return mask
+
+
 def labelled_mask(
     ds: Dataset,
     subset_file: str | None = None,
@@ -435,13 +452,7 @@ def labelled_mask(
         if not 0 < fraction <= 1:
             raise DataError(f"data.labelled_fraction must lie in (0, 1], got {fraction}")
         targets = torch.as_tensor(list(ds.targets))  # type: ignore[attr-defined]
-        gen = torch.Generator().manual_seed(seed)
-        mask = torch.zeros(n, dtype=torch.bool)
-        for c in targets.unique().tolist():
-            members = (targets == c).nonzero().flatten()
-            take = max(1, round(fraction * len(members)))
-            mask[members[torch.randperm(len(members), generator=gen)[:take]]] = True
-        return mask
+        return class_balanced_mask(targets, fraction, seed)
     if isinstance(ds, Subset):  # e.g. data.max_samples: check against the whole folder
         mask = labelled_mask(ds.dataset, subset_file, root=root, seed=seed)[ds.indices]
         if not bool(mask.any()):
