@@ -1,12 +1,13 @@
 """Cluster alignment: k-means clusters of frozen features matched one-to-one to the classes.
 
-The metric of CompRess (Abbasi Koohpayegani et al., NeurIPS 2020, arXiv 2010.14713, Sec. 4,
-"cluster alignment"): k-means on the L2-normalised train features, every train and val image
-assigned to its nearest centroid, a score ``S[c, y]`` between cluster ``c`` and class ``y`` on
-the train set, a one-to-one cluster -> class map maximising the summed score (the Hungarian
-method, :func:`scipy.optimize.linear_sum_assignment`), and the share of images whose cluster is
-mapped to their class. With ``score="precision"`` (CompRess) ``S[c, y] = |c ∩ y| / |c|``; with
-``score="count"`` ``S[c, y] = |c ∩ y|``, whose matching maximises the train accuracy itself.
+The "cluster alignment" metric of CompRess (Abbasi Koohpayegani et al., NeurIPS 2020, arXiv
+2010.14713; the last column of its ImageNet results table): k-means on the L2-normalised train
+features, every train and val image assigned to its nearest centroid, a score ``S[c, y]``
+between cluster ``c`` and class ``y`` on the train set, a one-to-one cluster -> class map
+maximising the summed score (the Hungarian method, :func:`scipy.optimize.linear_sum_assignment`),
+and the share of images whose cluster is mapped to their class. With ``score="precision"``
+(CompRess) ``S[c, y] = |c ∩ y| / |c|``; with ``score="count"`` ``S[c, y] = |c ∩ y|``, whose
+matching maximises the train accuracy itself.
 """
 
 from __future__ import annotations
