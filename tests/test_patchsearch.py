@@ -13,7 +13,9 @@ from torch import nn
 
 from ssl_lib.cli import main
 from ssl_lib.config import ConfigError, config_from_dict
+from ssl_lib.data.datasets import DataError
 from ssl_lib.defend.gradcam import PseudoClassifier, cam_layer, grad_cam, salient_window
+from ssl_lib.defend.manifest import poison_labels
 from ssl_lib.defend.patchsearch import (
     detection_metrics,
     iterative_search,
@@ -286,3 +288,17 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, poisoned_folder, cap
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, err
         assert not (ckpt.parent.parent / "defend").exists()
+
+
+def test_manifest_matches_paths_and_names_what_is_missing(tmp_path):
+    manifest = tmp_path / "m.json"
+    records = [{"path": "a/1.png", "label": 0, "poisoned": True, "box": [1, 2, 3, 3]}]
+    records.append({"path": str(tmp_path / "a" / "2.png"), "label": 0, "poisoned": False})
+    manifest.write_text(json.dumps({"train": records}))
+    paths = [str(tmp_path / "a" / "2.png"), str(tmp_path / "a" / "1.png")]
+    assert poison_labels(paths, str(manifest), str(tmp_path)).tolist() == [False, True]
+    with pytest.raises(DataError, match="has no record for image '.*3.png'"):
+        poison_labels([str(tmp_path / "a" / "3.png")], str(manifest), str(tmp_path))
+    manifest.write_text(json.dumps({"val": []}))
+    with pytest.raises(DataError, match="is not a JSON object with a 'train' list"):
+        poison_labels(paths, str(manifest), str(tmp_path))

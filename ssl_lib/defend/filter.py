@@ -198,6 +198,11 @@ def run_filter(search_dir: str | Path, cfg: DictConfig) -> tuple[dict, Path]:
     positives, negatives = scored[: f.val_size], scored[-f.val_size :]
     excluded = set(order[: int(f.top_p * len(order))]) | set(negatives)
     pool = [i for i in range(len(order)) if i not in excluded]
+    if not pool:
+        raise ConfigError(
+            f"filter.top_p={f.top_p} and filter.val_size={f.val_size} leave no training image "
+            "for the poison classifiers; lower them"
+        )
     size = data.image_size
     lo = scaled(f.patch_side[0], size)
     side = (lo, max(scaled(f.patch_side[1], size), lo + 1))
