@@ -120,13 +120,14 @@ def test_salient_window_matches_brute_force():
 
 
 def test_precision_recall_and_auroc_by_hand():
-    scores = torch.tensor([5.0, 4.0, float("nan"), 3.0, 1.0, 2.0])
+    scores = torch.tensor([5.0, 4.0, float("nan"), 3.0, -1.0, 2.0])
     poisoned = torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool)
     m = detection_metrics(scores, poisoned, ks=(5, 10))
     # ranking 0, 1, 3, 5, 4, 2 -> poisons at ranks 1, 3, 6; k = 10 is capped at 6
     assert m["precision@5"] == pytest.approx(2 / 5) and m["recall@5"] == pytest.approx(2 / 3)
     assert m["precision@6"] == pytest.approx(3 / 6) and m["recall@6"] == 1.0
-    # the never-scored image ranks last: positives 5, 3, NaN vs negatives 4, 1, 2 -> 5 of 9 pairs
+    # the never-scored image ranks last, even below a negative score: positives 5, 3, NaN vs
+    # negatives 4, -1, 2 -> 5 of 9 pairs
     assert m["auroc"] == pytest.approx(5 / 9)
 
 
@@ -149,8 +150,12 @@ def test_grad_cam_on_a_cnn_and_on_a_vit_against_a_direct_computation():
         embed_dim=32,
         num_heads=2,
     ).eval()
-    classifier = PseudoClassifier(vit, torch.randn(3, 32))
+    centroids = torch.randn(3, 32)
+    classifier = PseudoClassifier(vit, centroids)
     images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # the cluster logits are what the forward returns (not vit's head)
+        cosine = nn.functional.normalize(vit(images)) @ nn.functional.normalize(centroids).T
+        torch.testing.assert_close(classifier(images), cosine)
     norm1 = vit.blocks[-1].norm1
     cams, top = grad_cam(classifier, images, 32)
     assert vit.blocks[-1].norm1 is norm1  # the token-grid adapter is removed again
