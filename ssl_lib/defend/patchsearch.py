@@ -55,6 +55,7 @@ from ssl_lib.memory.search import search
 
 PRECISION_KS = (5, 10, 20, 50, 100)
 RECORD = "patchsearch.json"
+PNG_PATCH_PX = 60
 REFERENCE_SIZE = 224  # window and patch sizes are given at 224 px (the paper's resolution)
 
 
@@ -427,7 +428,10 @@ def write_results(
     atomic_write(folder / "windows.npy", lambda f: np.save(f, windows.numpy()))
     atomic_write(folder / "top_patches.npy", lambda f: np.save(f, pixels.numpy()))
     atomic_write_text(folder / "ranking.txt", "\n".join(lines) + "\n")
-    grid = make_grid(pixels.permute(0, 3, 1, 2), nrow=10, padding=2, pad_value=255)
+    # Small windows (9 px at 32 px) are enlarged, nearest neighbour, to be seen in the grid.
+    zoom = max(1, PNG_PATCH_PX // w)
+    big = pixels.permute(0, 3, 1, 2).repeat_interleave(zoom, 2).repeat_interleave(zoom, 3)
+    grid = make_grid(big, nrow=10, padding=2, pad_value=255)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(folder / "top_patches.png")
     record = {
         "command": "defend patchsearch",
