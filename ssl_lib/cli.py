@@ -62,13 +62,15 @@ def _parser() -> argparse.ArgumentParser:
         help="poison score of each training image: CHECKPOINT [RECIPE] [key=value ...]",
         parents=[common],
     )
-    ps.add_argument("checkpoint", help="a checkpoint written by ssl-lib train")
+    ps.add_argument("target", metavar="checkpoint", help="a checkpoint written by ssl-lib train")
     fl = df_sub.add_parser(
         "filter",
         help="poison classifiers remove images: SEARCH_DIR [RECIPE] [key=value ...]",
         parents=[common],
     )
-    fl.add_argument("search", help="a folder written by ssl-lib defend patchsearch")
+    fl.add_argument(
+        "target", metavar="search_dir", help="a folder written by ssl-lib defend patchsearch"
+    )
     for p in (ps, fl):
         p.add_argument(
             "args",
@@ -132,11 +134,7 @@ def run(argv: Sequence[str]) -> int:
     elif args.command == "eval":
         evaluate(args.protocol, args.checkpoint, args.args)
     elif args.command == "defend":
-        defend(
-            args.defence,
-            args.checkpoint if args.defence == "patchsearch" else args.search,
-            args.args,
-        )
+        defend(args.defence, args.target, args.args)
     elif args.command == "export":
         from ssl_lib.export import export_weights
 
