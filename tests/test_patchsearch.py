@@ -36,6 +36,15 @@ TINY = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: a second intra-op thread only adds synchronisation (as in CI's workers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class BrightSquare(nn.Module):
     """Feature (1, 0) for an image without a bright 4 x 4 square in channel 0, else (0, 1)."""
 
