@@ -8,7 +8,13 @@ from collections.abc import Sequence
 
 from ssl_lib import console
 from ssl_lib.checkpoints import CheckpointError
-from ssl_lib.config import ConfigError, list_recipes, load_config, load_eval_config
+from ssl_lib.config import (
+    ConfigError,
+    list_recipes,
+    load_config,
+    load_defend_config,
+    load_eval_config,
+)
 from ssl_lib.data.datasets import DataError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
@@ -17,6 +23,7 @@ DEFAULT_EVAL_RECIPES = {
     "linear": "eval/linear_cached",
     "cluster": "eval/cluster_alignment",
 }
+DEFAULT_DEFEND_RECIPE = "defend/patchsearch"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +58,30 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("checkpoint", help="a checkpoint written by ssl-lib train")
         p.add_argument(
             "args", nargs="*", help=f"optional eval recipe (default {recipe}), then overrides"
+        )
+    df = sub.add_parser(
+        "defend", help="find poisoned training images: ssl-lib defend patchsearch|filter"
+    )
+    df_sub = df.add_subparsers(dest="defence", required=True)
+    ps = df_sub.add_parser(
+        "patchsearch",
+        help="poison score of each training image: CHECKPOINT [RECIPE] [key=value ...]",
+        parents=[common],
+    )
+    ps.add_argument("target", metavar="checkpoint", help="a checkpoint written by ssl-lib train")
+    fl = df_sub.add_parser(
+        "filter",
+        help="poison classifiers remove images: SEARCH_DIR [RECIPE] [key=value ...]",
+        parents=[common],
+    )
+    fl.add_argument(
+        "target", metavar="search_dir", help="a folder written by ssl-lib defend patchsearch"
+    )
+    for p in (ps, fl):
+        p.add_argument(
+            "args",
+            nargs="*",
+            help=f"optional defence recipe (default {DEFAULT_DEFEND_RECIPE}), then overrides",
         )
     ex = sub.add_parser("export", help="write a checkpoint's backbone for torchvision / timm")
     ex.add_argument("checkpoint", help="a checkpoint written by ssl-lib train")
@@ -129,6 +160,8 @@ def run(argv: Sequence[str]) -> int:
                 args.root, args.out, args.fraction, args.seed, args.classes, args.force
             )
         )
+    elif args.command == "defend":
+        defend(args.defence, args.target, args.args)
     elif args.command == "export":
         from ssl_lib.export import export_weights
 
@@ -163,6 +196,32 @@ def evaluate(protocol: str, checkpoint: str, args: list[str]) -> None:
     print(f"results:      {path}")
     if protocol == "cluster":
         print(f"confusion:    {path.with_suffix('.png')}")
+
+
+def defend(defence: str, target: str, args: list[str]) -> None:
+    """``ssl-lib defend patchsearch CHECKPOINT|filter SEARCH_DIR [RECIPE] [key=value ...]``."""
+    recipe = DEFAULT_DEFEND_RECIPE
+    if args and "=" not in args[0]:
+        recipe, args = args[0], args[1:]
+    cfg = load_defend_config(recipe, args)
+    if defence == "patchsearch":
+        from ssl_lib.defend.patchsearch import run_patchsearch
+
+        record, folder = run_patchsearch(target, cfg)
+        print(
+            f"patchsearch of {target}: {record['num_scored']} of {record['num_images']} images "
+            f"scored in {len(record['rounds'])} rounds, {record['num_clusters']} clusters"
+        )
+    else:
+        from ssl_lib.defend.filter import run_filter
+
+        record, folder = run_filter(target, cfg)
+        print(
+            f"filter of {target}: {record['num_removed']} of {record['num_images']} images removed"
+        )
+    for key, value in (record.get("metrics") or {}).items():
+        print(f"  {key:<14} {value if value is None or isinstance(value, int) else f'{value:.4f}'}")
+    print(f"results:      {folder}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from ssl_lib.defend.config import build_defend_config
 from ssl_lib.eval.config import EvalConfig, build_eval_config
 from ssl_lib.methods import METHODS
 from ssl_lib.schema import (
@@ -57,6 +58,7 @@ __all__ = [
     "config_from_dict",
     "list_recipes",
     "load_config",
+    "load_defend_config",
     "load_eval_config",
     "resolve_recipe",
 ]
@@ -65,6 +67,7 @@ __all__ = [
 # in setup.cfg), so this is a real folder, where bases are found by their relative paths.
 RECIPES_DIR = Path(resources.files("ssl_lib").joinpath("recipes"))
 EVAL_RECIPES = "eval"
+DEFEND_RECIPES = "defend"
 
 
 def _find(folder: Path, name: str) -> Path | None:
@@ -95,16 +98,17 @@ def resolve_recipe(recipe: str | Path) -> Path:
     )
 
 
-def is_eval_recipe(name: str) -> bool:
-    """Shipped recipes under ``eval/`` are evaluation recipes (``EvalConfig``)."""
-    return Path(name).parts[0] == EVAL_RECIPES
+def recipe_kind(name: str) -> str:
+    """``eval`` and ``defend`` for shipped recipes in those folders, else ``train``."""
+    first = Path(name).parts[0]
+    return first if first in (EVAL_RECIPES, DEFEND_RECIPES) else "train"
 
 
 def list_recipes(kind: str | None = None) -> list[str]:
     """Shipped recipe names (relative to ``ssl_lib/recipes/``, without ``.yaml``); names
     starting with ``_`` (bases that are not recipes on their own) are left out.
 
-    ``kind``: ``train`` or ``eval`` keeps only that kind; ``None`` lists both.
+    ``kind``: ``train``, ``eval`` or ``defend`` keeps only that kind; ``None`` lists all.
     """
     if not RECIPES_DIR.is_dir():
         return []
@@ -115,7 +119,7 @@ def list_recipes(kind: str | None = None) -> list[str]:
     )
     if kind is None:
         return names
-    return [n for n in names if is_eval_recipe(n) == (kind == "eval")]
+    return [n for n in names if recipe_kind(n) == kind]
 
 
 def _load_yaml(path: Path) -> DictConfig:
@@ -182,3 +186,8 @@ def config_from_dict(values: dict, overrides: list[str] = ()) -> DictConfig:
 def load_eval_config(recipe: str | Path, overrides: list[str] = ()) -> DictConfig:
     """Load an evaluation recipe (path or shipped name such as ``eval/knn_umbc``)."""
     return build_eval_config(_layers(resolve_recipe(recipe)), overrides)
+
+
+def load_defend_config(recipe: str | Path, overrides: list[str] = ()) -> DictConfig:
+    """Load a defence recipe (path or shipped name such as ``defend/patchsearch``)."""
+    return build_defend_config(_layers(resolve_recipe(recipe)), overrides)

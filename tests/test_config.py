@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from ssl_lib.config import ConfigError, list_recipes, load_config, load_eval_config
+from ssl_lib.config import (
+    ConfigError,
+    list_recipes,
+    load_config,
+    load_defend_config,
+    load_eval_config,
+)
 
 
 def write(path, text):
@@ -20,10 +26,15 @@ def test_every_shipped_recipe_loads():
         assert cfg.method.name
     eval_names = list_recipes("eval")
     assert "eval/knn_umbc" in eval_names and "eval/cifar10_linear_cached" in eval_names
-    assert sorted(names + eval_names) == list_recipes()
+    defend_names = list_recipes("defend")
+    assert "defend/patchsearch" in defend_names
+    assert sorted(names + eval_names + defend_names) == list_recipes()
     for name in eval_names:
         cfg = load_eval_config(name)
         assert cfg.knn.ks and cfg.linear.protocol
+    for name in defend_names:
+        cfg = load_defend_config(name)
+        assert cfg.patchsearch.num_clusters and cfg.filter.ensemble
 
 
 def test_eval_recipe_errors_name_file_and_key(tmp_path):
