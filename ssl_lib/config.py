@@ -57,6 +57,7 @@ __all__ = [
     "config_from_dict",
     "list_recipes",
     "load_config",
+    "load_data_config",
     "load_eval_config",
     "resolve_recipe",
 ]
@@ -177,6 +178,17 @@ def load_config(recipe: str | Path, overrides: list[str] = ()) -> DictConfig:
 def config_from_dict(values: dict, overrides: list[str] = ()) -> DictConfig:
     """Build a validated config from a Python dict (library use, tests)."""
     return build_config([("config dict", OmegaConf.create(values))], overrides)
+
+
+def load_data_config(recipe: str | Path, overrides: list[str] = ()) -> DictConfig:
+    """The ``run`` and ``data`` sections of a training recipe (the other sections are not
+    read, so a recipe whose method needs files that do not exist yet still loads); for
+    commands that work on a recipe's training set (``ssl-lib cache-features``)."""
+    layers = [
+        (source, OmegaConf.create({k: raw[k] for k in ("run", "data") if k in raw}))
+        for source, raw in _layers(resolve_recipe(recipe))
+    ]
+    return build_run_config(MethodConfig, layers, overrides)
 
 
 def load_eval_config(recipe: str | Path, overrides: list[str] = ()) -> DictConfig:
