@@ -100,7 +100,7 @@ class SimReg(DistillMethod):
 
     def compute_loss(self, views: list[Tensor], labels: Tensor, index: Tensor):
         student_view = views[0]
-        teacher_view = views[0] if len(views) == 1 else views[1]
+        teacher_view = views[0] if self.cfg.method.view_mode == "same_weak" else views[1]
         features = self.backbone(student_view)
         predictions = [head(features) for head in self.heads]
         targets = self.teacher_features(teacher_view, index)
