@@ -155,19 +155,23 @@ def _layers(path: Path, seen: tuple[Path, ...] = ()) -> list[Layer]:
 
 def build_config(layers: list[Layer], overrides: list[str] = ()) -> DictConfig:
     """Validate and merge raw layers (and ``key=value`` overrides) into one typed config."""
-    layers = list(layers)
+    layers, overrides = list(layers), list(overrides)
+    probe = list(layers)
     if overrides:
-        layers.append((OVERRIDE_SOURCE, parse_overrides(list(overrides))))
-    name = OmegaConf.select(OmegaConf.merge(*[raw for _, raw in layers]), "method.name")
+        parse_overrides(overrides)  # malformed overrides fail first
+        named = [o for o in overrides if o.split("=", 1)[0] == "method.name"]
+        probe.append((OVERRIDE_SOURCE, parse_overrides(named)))
+    name = OmegaConf.select(OmegaConf.merge(*[raw for _, raw in probe]), "method.name")
     if name is None:
+        source = OVERRIDE_SOURCE if overrides else layers[-1][0]
         raise ConfigError(
-            f"{layers[-1][0]}: no method.name given. Available methods: {', '.join(METHODS)}"
+            f"{source}: no method.name given. Available methods: {', '.join(METHODS)}"
         )
     try:
         method_cls = METHODS.get(str(name))
     except KeyError as err:
         raise ConfigError(f"method.name: {err.args[0]}") from None
-    return build_run_config(method_cls.config_class, layers)
+    return build_run_config(method_cls.config_class, layers, overrides)
 
 
 def load_config(recipe: str | Path, overrides: list[str] = ()) -> DictConfig:

@@ -20,7 +20,7 @@ from torch import nn
 
 from ssl_lib.checkpoints import CheckpointError
 from ssl_lib.cli import main
-from ssl_lib.config import ConfigError, config_from_dict
+from ssl_lib.config import ConfigError, config_from_dict, load_config
 from ssl_lib.data import IndexedDataset, build_base_dataset
 from ssl_lib.data.transforms import eval_transform
 from ssl_lib.distill import (
@@ -85,6 +85,15 @@ def test_compress_loss_is_kl_of_teacher_to_student_batchmean():
     assert float(compress_loss(s, t, bank_s, bank_t, ts, tt)) == pytest.approx(total / 3, rel=1e-4)
 
 
+def test_an_override_sets_one_element_of_the_teacher_list():
+    cfg = load_config("demo/compress", ["method.teachers.0.path=/t.ckpt", "optim.lr=0.2"])
+    assert cfg.method.teachers[0].path == "/t.ckpt" and cfg.method.teachers[0].part == "target"
+    with pytest.raises(ConfigError, match="'method.teachers.0.pth=x'.*pth"):
+        load_config("demo/compress", ["method.teachers.0.pth=x"])
+    with pytest.raises(ConfigError, match="method.teachers.0.part does not accept 'bad'"):
+        load_config("demo/compress", ["method.teachers.0.part=bad"])
+
+
 def test_heads_official4_and_linear2_layouts():
     official = simreg_head("official4", 8, 5)
     kinds = [type(m).__name__ for m in official]
@@ -112,6 +121,9 @@ def test_one_queue_equals_isd_loss_with_the_frozen_teacher(teacher):
     bound = 1 / math.sqrt(128 / 3)  # uniform_cmc: not normalised rows within +-1/sqrt(D/3)
     assert float(bank.abs().max()) <= bound and float(bank.abs().max()) > 0.99 * bound
     assert float(bank.norm(dim=1).std()) > 0.01  # rows of norm about 1, not normalised
+    assert int(model.bank.num_seen) == 0  # the anchors exclude this batch: written after the step
+    model.flush_enqueue()
+    assert int(model.bank.num_seen) == 6 and torch.equal(model.bank.embeddings[:6], t)
 
 
 def test_map_teacher_keys_is_strict_and_names_first_keys():
