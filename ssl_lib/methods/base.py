@@ -282,9 +282,11 @@ class SSLMethod(pl.LightningModule):
     def update_target(self) -> None:
         """EMA step, run before the target's forward pass (as the UMBC code does)."""
         momentum = self.current_ema_momentum()
-        # lightly's update_momentum averages parameters only, as the UMBC code does.
-        update_momentum(self.backbone, self.target["backbone"], momentum)
-        update_momentum(self.projector, self.target["projector"], momentum)
+        # lightly's update_momentum averages parameters only, as the UMBC code does; it fails
+        # on a module without parameters (model.projector: null).
+        for name, online in (("backbone", self.backbone), ("projector", self.projector)):
+            if next(online.parameters(), None) is not None:
+                update_momentum(online, self.target[name], momentum)
         self.log("train/ema_momentum", momentum)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
