@@ -102,6 +102,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     ds.add_argument("--out", required=True, help="the file list to write")
     ds.add_argument("--force", action="store_true", help="replace an existing OUT")
+    cf = sub.add_parser(
+        "cache-features",
+        help="teacher features of a recipe's training set: TEACHER DATA_RECIPE OUT",
+        parents=[common],
+    )
+    cf.add_argument("teacher", help="a teacher spec (.yaml) or an ssl-lib train checkpoint")
+    cf.add_argument("recipe", help="training recipe whose data section is cached")
+    cf.add_argument("out", help="the (new or empty) cache folder to write")
+    cf.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
     sub.add_parser("methods", help="list the registered methods")
     sub.add_parser("recipes", help="list the shipped recipes")
     sub.add_parser("backbones", help="list the built-in backbones")
@@ -167,6 +176,13 @@ def run(argv: Sequence[str]) -> int:
 
         exported = export_weights(args.checkpoint, args.out, args.format, args.part, args.force)
         print(exported.summary())
+    elif args.command == "cache-features":
+        from ssl_lib.distill.command import cache_features
+
+        path = cache_features(
+            args.teacher, args.recipe, args.out, args.overrides, not console.is_quiet()
+        )
+        print(f"teacher cache: {path}")
     elif args.command == "plot":
         from ssl_lib.report import load_run, plot_runs
 

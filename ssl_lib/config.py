@@ -59,6 +59,7 @@ __all__ = [
     "list_recipes",
     "load_config",
     "load_defend_config",
+    "load_data_config",
     "load_eval_config",
     "resolve_recipe",
 ]
@@ -158,19 +159,23 @@ def _layers(path: Path, seen: tuple[Path, ...] = ()) -> list[Layer]:
 
 def build_config(layers: list[Layer], overrides: list[str] = ()) -> DictConfig:
     """Validate and merge raw layers (and ``key=value`` overrides) into one typed config."""
-    layers = list(layers)
+    layers, overrides = list(layers), list(overrides)
+    probe = list(layers)
     if overrides:
-        layers.append((OVERRIDE_SOURCE, parse_overrides(list(overrides))))
-    name = OmegaConf.select(OmegaConf.merge(*[raw for _, raw in layers]), "method.name")
+        parse_overrides(overrides)  # malformed overrides fail first
+        named = [o for o in overrides if o.split("=", 1)[0] == "method.name"]
+        probe.append((OVERRIDE_SOURCE, parse_overrides(named)))
+    name = OmegaConf.select(OmegaConf.merge(*[raw for _, raw in probe]), "method.name")
     if name is None:
+        source = OVERRIDE_SOURCE if overrides else layers[-1][0]
         raise ConfigError(
-            f"{layers[-1][0]}: no method.name given. Available methods: {', '.join(METHODS)}"
+            f"{source}: no method.name given. Available methods: {', '.join(METHODS)}"
         )
     try:
         method_cls = METHODS.get(str(name))
     except KeyError as err:
         raise ConfigError(f"method.name: {err.args[0]}") from None
-    return build_run_config(method_cls.config_class, layers)
+    return build_run_config(method_cls.config_class, layers, overrides)
 
 
 def load_config(recipe: str | Path, overrides: list[str] = ()) -> DictConfig:
@@ -181,6 +186,17 @@ def load_config(recipe: str | Path, overrides: list[str] = ()) -> DictConfig:
 def config_from_dict(values: dict, overrides: list[str] = ()) -> DictConfig:
     """Build a validated config from a Python dict (library use, tests)."""
     return build_config([("config dict", OmegaConf.create(values))], overrides)
+
+
+def load_data_config(recipe: str | Path, overrides: list[str] = ()) -> DictConfig:
+    """The ``run`` and ``data`` sections of a training recipe (the other sections are not
+    read, so a recipe whose method needs files that do not exist yet still loads); for
+    commands that work on a recipe's training set (``ssl-lib cache-features``)."""
+    layers = [
+        (source, OmegaConf.create({k: raw[k] for k in ("run", "data") if k in raw}))
+        for source, raw in _layers(resolve_recipe(recipe))
+    ]
+    return build_run_config(MethodConfig, layers, overrides)
 
 
 def load_eval_config(recipe: str | Path, overrides: list[str] = ()) -> DictConfig:

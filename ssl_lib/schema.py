@@ -352,11 +352,24 @@ def merge_layers(schema: Any, layers: Sequence[Layer], overrides: Sequence[str] 
     each layer is merged, values a section cannot use once all are merged.
     """
     layers = list(layers)
-    if overrides:
-        layers.append((OVERRIDE_SOURCE, parse_overrides(overrides)))
+    # An override of one element of a list (method.teachers.0.path=...) is applied to the
+    # merged config: a merge of the dict that from_dotlist makes of it cannot reach into lists.
+    in_list = [o for o in overrides if any(p.isdigit() for p in o.split("=", 1)[0].split("."))]
+    plain = [o for o in overrides if o not in in_list]
+    if plain:
+        layers.append((OVERRIDE_SOURCE, parse_overrides(plain)))
     cfg = OmegaConf.structured(schema)
     for source, raw in layers:
         cfg = _merge_layer(cfg, source, raw)
+    for item in in_list:
+        key, value = item.split("=", 1)
+        try:
+            OmegaConf.update(cfg, key, parse_overrides([f"v={value}"]).v, merge=True)
+        except OmegaConfBaseException as err:
+            message = str(err).splitlines()[0]
+            raise ConfigError(f"{OVERRIDE_SOURCE} '{item}': {message}") from None
+    if in_list:
+        layers.append((OVERRIDE_SOURCE, parse_overrides(in_list)))
     _check_sections(cfg, layers)
     return cfg
 

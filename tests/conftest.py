@@ -83,3 +83,18 @@ def cpu_trainer(**kwargs) -> pl.Trainer:
         "enable_model_summary": False,
     }
     return pl.Trainer(**{**defaults, **kwargs})
+
+
+def write_tiny_teacher(path: Path, seed: int = 1) -> Path:
+    """A ``tiny_cnn`` state dict with seeded random weights at ``path`` (a ``kind: backbone``
+    teacher for the distillation methods); returns ``path``."""
+    from ssl_lib.models import build_backbone
+
+    torch.manual_seed(seed)
+    torch.save(build_backbone("tiny_cnn").state_dict(), path)
+    return path
+
+
+def teacher_override(path: Path) -> str:
+    """The ``key=value`` override that makes ``path`` (a tiny_cnn state dict) the only teacher."""
+    return f"method.teachers=[{{kind: backbone, arch: tiny_cnn, path: '{path}'}}]"

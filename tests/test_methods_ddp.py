@@ -26,7 +26,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import tiny_config
+from conftest import teacher_override, tiny_config, write_tiny_teacher
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -74,8 +74,22 @@ CASES: dict[str, dict[str, Any]] = {
     "cmsf_semi": {
         "method": {"bank_size": BANK_SIZE, "k": 3, "num_samples": 64, "num_classes": 4},
     },
+    "simreg": {
+        "method": {"view_mode": "weak_strong"},
+        "model": {"projector": None, "predictor": None},
+        "teacher": True,
+    },
+    "compress": {"method": {"bank_size": BANK_SIZE}, "teacher": True},
+    "compress_1q": {
+        "name": "compress",
+        "method": {"bank_size": BANK_SIZE, "variant": "1q"},
+        "teacher": True,
+    },
 }
-META_KEYS = ("name", "loss", "ddp")
+META_KEYS = ("name", "loss", "ddp", "teacher")
+# The frozen teacher of the distillation cases: a tiny_cnn weights file that the ddp_runs
+# fixture writes and names here (the spawned processes inherit the environment).
+TEACHER_ENV = "SSL_LIB_TEST_TEACHER"
 
 
 def case_config(case: str) -> DictConfig:
@@ -83,7 +97,8 @@ def case_config(case: str) -> DictConfig:
     entry = CASES[case]
     sections = {k: v for k, v in entry.items() if k not in META_KEYS}
     sections["data"] = {**sections.get("data", {}), "batch_size": GLOBAL_BATCH}
-    return config_from_dict(tiny_config(entry.get("name", case), **sections))
+    teacher = [teacher_override(Path(os.environ[TEACHER_ENV]))] if entry.get("teacher") else []
+    return config_from_dict(tiny_config(entry.get("name", case), **sections), teacher)
 
 
 def _batch(step: int, rank: int) -> tuple[list[Tensor], Tensor, Tensor]:
@@ -282,6 +297,7 @@ def _free_port() -> int:
 def ddp_runs(tmp_path_factory) -> Path:
     """Folder with every case's per-rank results and rank 0's checkpoints (one spawn)."""
     out = tmp_path_factory.mktemp("ddp")
+    os.environ[TEACHER_ENV] = str(write_tiny_teacher(out / "teacher.pt"))
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
     return out
 

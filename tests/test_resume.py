@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import tiny_config
+from conftest import teacher_override, tiny_config, write_tiny_teacher
 from omegaconf import OmegaConf
 
 from ssl_lib.config import config_from_dict
@@ -51,6 +51,8 @@ EXTRA = {
     # per-image caches, k-means after each epoch, pseudo-labeller rounds at batch 1 and epoch end
     "cmsf_2q": ["method.bank_size=48", "method.k=3", "method.k_prime=4"],
     "cmsf_km": ["method.bank_size=48", "method.k=3", "method.num_clusters=4"],
+    # the EMA key encoder, two banks and the frozen teacher (written by the reference fixture)
+    "compress": ["method.bank_size=48", "data.views=[weak]"],
     "cmsf_semi": [
         "method.bank_size=48",
         "method.k=3",
@@ -64,7 +66,10 @@ COMPARED = ("state_dict", "optimizer_states", "lr_schedulers", "global_step", "e
 
 
 def overrides(method: str, out: Path, name: str) -> list[str]:
-    return [*COMMON, *EXTRA[method], f"run.output_dir={out}", f"run.name={name}"]
+    teacher = []
+    if method == "compress":
+        teacher = [teacher_override(write_tiny_teacher(out / "teacher.pt"))]
+    return [*COMMON, *EXTRA[method], *teacher, f"run.output_dir={out}", f"run.name={name}"]
 
 
 class Recorder(pl.Callback):
@@ -173,6 +178,7 @@ def resume_and_compare(ref: dict, run_dir: Path, ckpt: Path, workers: int = 0) -
         ("cmsf_2q", 6),
         ("cmsf_km", 6),
         ("cmsf_semi", 6),
+        ("compress", 3),
     ],
 )
 def test_resume_mid_epoch_is_exact(method, step, reference, tmp_path):

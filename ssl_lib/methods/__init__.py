@@ -8,9 +8,11 @@ from ssl_lib.methods import (  # noqa: F401  (registers the methods)
     byol,
     cmsf,
     cmsf_semi,
+    compress,
     isd,
     moco,
     msf,
+    simreg,
 )
 from ssl_lib.methods.base import SSLMethod
 from ssl_lib.methods.registry import METHODS

@@ -124,7 +124,7 @@ class SSLMethod(pl.LightningModule):
                 }
             )
             self.target.requires_grad_(False)
-        self._pending_enqueue: tuple[Tensor, dict[str, Tensor]] | None = None
+        self._pending_enqueue: list[tuple[MemoryBank, Tensor, dict[str, Tensor]]] = []
         self.nonfinite = NonFiniteGuard(
             cfg.trainer.nonfinite, self, [self.target] if self.uses_target else []
         )
@@ -217,20 +217,24 @@ class SSLMethod(pl.LightningModule):
         """
         return []
 
-    def enqueue_after_step(self, rows: Tensor, **payloads: Tensor) -> None:
-        """Enqueue ``rows`` into ``self.bank`` once the optimiser step is done.
+    def enqueue_after_step(
+        self, rows: Tensor, bank: MemoryBank | None = None, **payloads: Tensor
+    ) -> None:
+        """Enqueue ``rows`` into ``bank`` (default ``self.bank``) once the optimiser step is done.
 
-        For methods whose loss reads the bank before this step's rows go in (ISD, MoCo): the
-        backward pass still needs the bank as the loss saw it, so writing it later replaces the
-        per-step copy of the whole bank the original code makes. The next step sees the rows.
+        For methods whose loss reads the bank before this step's rows go in (ISD, MoCo,
+        CompRess): the backward pass still needs the bank as the loss saw it, so writing it
+        later replaces the per-step copy of the whole bank the original code makes. The next
+        step sees the rows. Several calls in one step write in call order.
         """
-        self._pending_enqueue = (rows.detach(), payloads)
+        target = self.bank if bank is None else bank
+        self._pending_enqueue.append((target, rows.detach(), payloads))
 
     def flush_enqueue(self) -> None:
         """Write the rows held by :meth:`enqueue_after_step`."""
-        pending, self._pending_enqueue = self._pending_enqueue, None
-        if pending is not None:
-            self.bank.enqueue(pending[0], **pending[1])
+        pending, self._pending_enqueue = self._pending_enqueue, []
+        for bank, rows, payloads in pending:
+            bank.enqueue(rows, **payloads)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Write rows still held: none under Lightning's automatic optimisation, which calls
@@ -245,7 +249,7 @@ class SSLMethod(pl.LightningModule):
         """
         super().optimizer_step(*args, **kwargs)
         if self.nonfinite.skipping:
-            self._pending_enqueue = None
+            self._pending_enqueue = []
         self.flush_enqueue()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
@@ -278,9 +282,11 @@ class SSLMethod(pl.LightningModule):
     def update_target(self) -> None:
         """EMA step, run before the target's forward pass (as the UMBC code does)."""
         momentum = self.current_ema_momentum()
-        # lightly's update_momentum averages parameters only, as the UMBC code does.
-        update_momentum(self.backbone, self.target["backbone"], momentum)
-        update_momentum(self.projector, self.target["projector"], momentum)
+        # lightly's update_momentum averages parameters only, as the UMBC code does; it fails
+        # on a module without parameters (model.projector: null).
+        for name, online in (("backbone", self.backbone), ("projector", self.projector)):
+            if next(online.parameters(), None) is not None:
+                update_momentum(online, self.target[name], momentum)
         self.log("train/ema_momentum", momentum)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

@@ -1,6 +1,8 @@
-"""The regression loss of BYOL, MSF and CMSF, and the neighbour purity their banks log."""
+"""The regression loss of BYOL, MSF, CMSF and SimReg, and the neighbour purity banks log."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,31 @@ def regression_loss(predictions: Tensor, targets: Tensor, valid: Tensor | None =
     if per_query.numel() == 0:
         return p.sum() * 0.0
     return 2 - 2 * per_query.mean()
+
+
+def simreg_loss(
+    predictions: Sequence[Tensor], targets: Sequence[Tensor], weights: Sequence[float] | None = None
+) -> Tensor:
+    """SimReg's loss (Navaneet et al., BMVC 2021, arXiv 2201.05131, Sec. 3): for each teacher
+    ``k`` the mean over the batch of ``||q - t||^2 = 2 - 2 cos(q, t)`` between the student's
+    head output ``q`` and the teacher's feature ``t`` (both L2-normalised), then the average
+    over the teachers weighted by ``weights`` (equal by default).
+
+    Args:
+        predictions: per teacher, ``(B, D_k)`` head outputs of the student.
+        targets: per teacher, ``(B, D_k)`` teacher features (no gradient flows into them).
+        weights: per teacher, a positive weight; the result divides by their sum.
+
+    Returns a float32 scalar (:func:`regression_loss` per teacher).
+    """
+    if len(predictions) != len(targets) or not predictions:
+        raise ValueError(
+            f"simreg_loss needs one target per prediction, got {len(predictions)} predictions "
+            f"and {len(targets)} targets"
+        )
+    w = [1.0] * len(predictions) if weights is None else [float(x) for x in weights]
+    terms = [regression_loss(p, t) for p, t in zip(predictions, targets, strict=True)]
+    return sum(wk * term for wk, term in zip(w, terms, strict=True)) / sum(w)
 
 
 def neighbour_purity(bank: MemoryBank, indices: Tensor, labels: Tensor) -> dict[str, Tensor]:
