@@ -12,7 +12,11 @@ from ssl_lib.config import ConfigError, list_recipes, load_config, load_eval_con
 from ssl_lib.data.datasets import DataError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
-DEFAULT_EVAL_RECIPES = {"knn": "eval/knn_umbc", "linear": "eval/linear_cached"}
+DEFAULT_EVAL_RECIPES = {
+    "knn": "eval/knn_umbc",
+    "linear": "eval/linear_cached",
+    "backdoor": "eval/backdoor_linear_umbc",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("recipe", nargs="?", help="recipe file or shipped name (ssl-lib recipes)")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.1")
     tr.add_argument("--resume", metavar="RUN_DIR|CKPT", help="continue a run")
-    ev = sub.add_parser("eval", help="evaluate a checkpoint: ssl-lib eval knn|linear CKPT ...")
+    ev = sub.add_parser(
+        "eval", help="evaluate a checkpoint: ssl-lib eval knn|linear|backdoor CKPT ..."
+    )
     ev_sub = ev.add_subparsers(dest="protocol", required=True)
     for protocol, recipe in DEFAULT_EVAL_RECIPES.items():
         p = ev_sub.add_parser(
@@ -46,6 +52,15 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "args", nargs="*", help=f"optional eval recipe (default {recipe}), then overrides"
         )
+    po = sub.add_parser("poison", help="poisoned data sets: ssl-lib poison make RECIPE ...")
+    po_sub = po.add_subparsers(dest="action", required=True)
+    pm = po_sub.add_parser(
+        "make",
+        help="poisoned copies, file lists and a manifest: RECIPE [key=value ...]",
+        parents=[common],
+    )
+    pm.add_argument("recipe", help="poison recipe, e.g. poison/cifar10_targeted")
+    pm.add_argument("overrides", nargs="*", help="key=value overrides, e.g. poison.rate=0.5")
     ex = sub.add_parser("export", help="write a checkpoint's backbone for torchvision / timm")
     ex.add_argument("checkpoint", help="a checkpoint written by ssl-lib train")
     ex.add_argument("out", help="the weights file to write")
@@ -102,6 +117,8 @@ def run(argv: Sequence[str]) -> int:
             return 1
     elif args.command == "eval":
         evaluate(args.protocol, args.checkpoint, args.args)
+    elif args.command == "poison":
+        poison_make(args.recipe, args.overrides)
     elif args.command == "export":
         from ssl_lib.export import export_weights
 
@@ -118,14 +135,46 @@ def run(argv: Sequence[str]) -> int:
     return 0
 
 
+def poison_make(recipe: str, overrides: list[str]) -> None:
+    """``ssl-lib poison make RECIPE [key=value ...]``: prints what was written."""
+    from ssl_lib.backdoor.config import load_poison_config
+    from ssl_lib.backdoor.make import make_poison
+
+    out, manifest = make_poison(load_poison_config(recipe, overrides), not console.is_quiet())
+    attack, rate = manifest["attack"], manifest["attack"]["rate"]
+    target = attack["target"]
+    named = "none (untargeted)" if target is None else f"{target['name']} (label {target['label']})"
+    print(f"target:       {named}")
+    print(
+        f"poisoned:     {rate['num_poisoned']} of {rate['num_candidates']} candidates "
+        f"({rate['of_candidates']:.4f}); {rate['of_train']:.4%} of {rate['num_train']} "
+        "training images"
+    )
+    print(f"patched val:  {len(manifest['val'])} images")
+    print(f"output:       {out}")
+
+
 def evaluate(protocol: str, checkpoint: str, args: list[str]) -> None:
-    """``ssl-lib eval knn|linear CHECKPOINT [RECIPE] [key=value ...]``: table and JSON."""
+    """``ssl-lib eval knn|linear|backdoor CHECKPOINT [RECIPE] [key=value ...]``: table and
+    JSON."""
     from ssl_lib.eval.runner import results_table, run_knn, run_linear
 
     recipe = DEFAULT_EVAL_RECIPES[protocol]
     if args and "=" not in args[0]:
         recipe, args = args[0], args[1:]
     cfg = load_eval_config(recipe, args)
+    if protocol == "backdoor":
+        from ssl_lib.backdoor.evaluate import backdoor_table, run_backdoor
+
+        record, folder = run_backdoor(checkpoint, cfg)
+        print(
+            f"backdoor evaluation of {checkpoint} ({record['num_train']} train / "
+            f"{record['num_val']} clean val / {record['results']['num_patched']} patched val "
+            f"images, {len(record['classes'])} classes, probe {cfg.backdoor.probe})"
+        )
+        print(backdoor_table(record["results"]))
+        print(f"results:      {folder}")
+        return
     record, path = (run_knn if protocol == "knn" else run_linear)(checkpoint, cfg)
     print(
         f"{protocol} evaluation of {checkpoint} ({record['num_train']} train / "

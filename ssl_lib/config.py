@@ -65,6 +65,7 @@ __all__ = [
 # in setup.cfg), so this is a real folder, where bases are found by their relative paths.
 RECIPES_DIR = Path(resources.files("ssl_lib").joinpath("recipes"))
 EVAL_RECIPES = "eval"
+POISON_RECIPES = "poison"
 
 
 def _find(folder: Path, name: str) -> Path | None:
@@ -100,11 +101,20 @@ def is_eval_recipe(name: str) -> bool:
     return Path(name).parts[0] == EVAL_RECIPES
 
 
+def recipe_kind(name: str) -> str:
+    """``eval`` (under ``eval/``), ``poison`` (under ``poison/``: ``ssl-lib poison make``) or
+    ``train``."""
+    if is_eval_recipe(name):
+        return "eval"
+    return "poison" if Path(name).parts[0] == POISON_RECIPES else "train"
+
+
 def list_recipes(kind: str | None = None) -> list[str]:
     """Shipped recipe names (relative to ``ssl_lib/recipes/``, without ``.yaml``); names
     starting with ``_`` (bases that are not recipes on their own) are left out.
 
-    ``kind``: ``train`` or ``eval`` keeps only that kind; ``None`` lists both.
+    ``kind``: ``train``, ``eval`` or ``poison`` keeps only that kind (:func:`recipe_kind`);
+    ``None`` lists all.
     """
     if not RECIPES_DIR.is_dir():
         return []
@@ -115,7 +125,7 @@ def list_recipes(kind: str | None = None) -> list[str]:
     )
     if kind is None:
         return names
-    return [n for n in names if is_eval_recipe(n) == (kind == "eval")]
+    return [n for n in names if recipe_kind(n) == kind]
 
 
 def _load_yaml(path: Path) -> DictConfig:
