@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ssl_lib.backdoor.config import load_poison_config
-from ssl_lib.backdoor.evaluate import load_probe
+from ssl_lib.backdoor.evaluate import load_probe, patched_dataset
 from ssl_lib.backdoor.make import TRAIN_LIST, VAL_LIST, make_poison
 from ssl_lib.backdoor.manifest import check_data, load_manifest
 from ssl_lib.backdoor.metrics import (
@@ -30,7 +30,7 @@ from ssl_lib.backdoor.triggers import trigger_sha256
 from ssl_lib.cli import main
 from ssl_lib.config import ConfigError, config_from_dict
 from ssl_lib.data import DataError, SSLDataModule, file_list, image_folder
-from ssl_lib.data.transforms import eval_geometry
+from ssl_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_geometry
 from ssl_lib.methods import build_method
 
 SIZES = [(40, 30), (36, 44), (48, 48)]
@@ -328,6 +328,25 @@ def test_poison_make_and_eval_backdoor_commands(data, tmp_path, capsys):
         assert Image.open(folder / name).format == "PNG"
     probe = load_probe(folder / "linear_probe.pt")
     assert probe.fc.out_features == 3
+
+
+def test_patched_images_are_not_resized_or_cropped_again(tmp_path):
+    # Above 64 px the evaluation geometry resizes to size / 0.875 and crops: applied a second
+    # time it would move and shrink the trigger.
+    train = make_folder(tmp_path / "train", {"ant": 2, "bee": 2})
+    val = make_folder(tmp_path / "val", {"ant": 1, "bee": 1}, seed=1)
+    out, _ = make_poison(poison_cfg(train, val, tmp_path / "out", "data.image_size=72"), False)
+    manifest = load_manifest(out)
+    ds = patched_dataset(manifest)
+    mean, std = (
+        torch.tensor(IMAGENET_MEAN)[:, None, None],
+        torch.tensor(IMAGENET_STD)[:, None, None],
+    )
+    for i, record in enumerate(manifest.val):
+        pixels = torch.from_numpy(arr(record.path)).permute(2, 0, 1).float() / 255
+        image, label, index = ds[i]
+        assert image.shape == (3, 72, 72) and (label, index) == (record.label, i)
+        torch.testing.assert_close(image, (pixels - mean) / std)
 
 
 def test_bad_input_is_one_line_and_writes_nothing(data, tmp_path, capsys):

@@ -10,6 +10,7 @@ cropping them again would shrink or cut the trigger.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from ssl_lib.backdoor.manifest import Manifest, check_data, load_manifest
 from ssl_lib.backdoor.metrics import (
@@ -28,7 +30,7 @@ from ssl_lib.backdoor.metrics import (
     true_positives,
 )
 from ssl_lib.config import ConfigError
-from ssl_lib.data import VIEWS
+from ssl_lib.data import VIEWS, IndexedDataset
 from ssl_lib.data.datasets import DataError, ImageList
 from ssl_lib.data.transforms import to_normalized_tensor
 from ssl_lib.eval import features as feature_io
@@ -65,16 +67,20 @@ def _check_inputs(cfg: DictConfig, manifest: Manifest, classes: list[str]) -> No
         raise DataError(f"patched image '{missing}' of the poison manifest is missing")
 
 
+def patched_dataset(manifest: Manifest) -> IndexedDataset:
+    """The patched validation images of ``manifest`` as ``(tensor, label, index)`` items:
+    converted to [0, 1] and ImageNet-normalised, never resized or cropped (the trigger keeps
+    its recorded box)."""
+    images = ImageList([(r.path, r.label) for r in manifest.val], manifest.classes)
+    return IndexedDataset(images, to_normalized_tensor())
+
+
 def _patched_features(ev: Evaluation, manifest: Manifest) -> tuple[Tensor, Tensor]:
     """Features of the patched validation images: tensor + normalisation, no resize or crop."""
     f = ev.cfg.features
-    records = manifest.val
+    content = json.dumps(manifest.data, sort_keys=True).encode()  # a remade manifest differs
     dataset_id = json.dumps(
-        {
-            "poison_manifest": str(manifest.folder),
-            "sha256": manifest.data["trigger"]["sha256"],
-            "size": len(records),
-        },
+        {"poison_manifest": str(manifest.folder), "sha256": hashlib.sha256(content).hexdigest()},
         sort_keys=True,
     )
     key = ev.cache.key(
@@ -83,11 +89,14 @@ def _patched_features(ev: Evaluation, manifest: Manifest) -> tuple[Tensor, Tenso
     cached = ev.cache.load(key)
     if cached is not None:
         return cached[0], cached[1]
-    ds = ImageList([(r.path, r.label) for r in records], manifest.classes)
     ev.model.to(ev.device)
     feats, labels, indices = feature_io.extract_features(
         ev.model,
-        _loader(ds, to_normalized_tensor(), ev.cfg),
+        DataLoader(
+            patched_dataset(manifest),
+            batch_size=ev.cfg.data.batch_size,
+            num_workers=ev.cfg.data.num_workers,
+        ),
         device=ev.device,
         dtype=DTYPES[f.dtype],
         normalize=False,
