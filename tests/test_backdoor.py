@@ -271,10 +271,8 @@ def eval_args(train, val, manifest):
         "data.num_workers=0",
         "features.progress_bar=false",
         f"backdoor.manifest={manifest}",
-        "linear.protocol=cached",
-        "linear.epochs=2",
+        "linear.epochs=2",  # the recipe's UMBC protocol: augmented crops, standardised head
         "linear.milestones=[1]",
-        "linear.lr_grid=[0.1]",
     ]
 
 
@@ -328,6 +326,16 @@ def test_poison_make_and_eval_backdoor_commands(data, tmp_path, capsys):
         assert Image.open(folder / name).format == "PNG"
     probe = load_probe(folder / "linear_probe.pt")
     assert probe.fc.out_features == 3
+    assert not probe.training and probe.standardize  # the UMBC head, ready for inference
+
+    knn = ["eval/backdoor_knn", *eval_args(train, val, out), "knn.ks=[1,3]"]
+    assert run_main("eval", "backdoor", str(ckpt), *knn, f"output={tmp_path / 'knn'}") == 0
+    record = json.loads((tmp_path / "knn" / "backdoor.json").read_text())
+    for k in (1, 3):
+        r = record["results"][f"knn_k{k}"]
+        conf = np.load(tmp_path / "knn" / f"knn_k{k}" / "conf_matrix_patched.npy")
+        assert r["fp_target_patched"] == int(false_positives(conf)[1])
+    assert not (tmp_path / "knn" / "linear_probe.pt").exists()
 
 
 def test_patched_images_are_not_resized_or_cropped_again(tmp_path):
