@@ -148,6 +148,18 @@ def test_trigger_is_pixel_exact_inside_each_box_and_nowhere_else(data, tmp_path,
     assert all(1 <= r["box"][0] <= 14 - 6 and 1 <= r["box"][1] <= 8 for r in manifest["val"])
 
 
+def test_a_user_trigger_image_keeps_its_aspect(data, tmp_path):
+    train, val = data
+    user = tmp_path / "trigger.png"
+    Image.fromarray(np.full((5, 10, 3), (250, 20, 90), dtype=np.uint8)).save(user)
+    out, manifest = make_poison(
+        poison_cfg(train, val, tmp_path / "out", f"poison.trigger.image={user}"), False
+    )
+    np.testing.assert_array_equal(arr(out / "trigger.png"), np.full((3, 6, 3), (250, 20, 90)))
+    assert manifest["trigger"]["image"] == str(user) and manifest["trigger"]["height"] == 3
+    assert all(r["box"][2:] == [6, 3] for r in manifest["val"])
+
+
 def test_rate_bookkeeping_and_file_lists(data, tmp_path):
     train, val = data
     out, manifest = make_poison(poison_cfg(train, val, tmp_path / "t", "poison.rate=0.5"), False)
@@ -418,3 +430,7 @@ def test_bad_input_is_one_line_and_writes_nothing(data, tmp_path, capsys):
     assert not (tmp_path / "run" / "eval").exists()
     with pytest.raises(ConfigError, match="poison.target must name the target class"):
         load_poison_config("poison/cifar10_targeted", ["poison.target=null"])
+    with pytest.raises(ConfigError, match=r"poison.trigger.opacity must lie in \(0, 1\], got 0"):
+        load_poison_config("poison/cifar10_targeted", ["poison.trigger.opacity=0"])
+    with pytest.raises(ConfigError, match=r"poison.val_band must be \[lo, hi\] with 0 <= lo < hi"):
+        load_poison_config("poison/cifar10_targeted", ["poison.val_band=[0.9,0.1]"])

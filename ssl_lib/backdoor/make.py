@@ -194,7 +194,17 @@ def _write(tmp, out, manifest, train, val, trigger, spec, size, progress) -> Non
     if manifest["val"]:
         lines = [f"{out / r['path']} {r['label']}" for r in manifest["val"]]
         atomic_write_text(tmp / VAL_LIST, "\n".join(lines) + "\n")
-    atomic_write_text(tmp / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(tmp / MANIFEST_NAME, manifest_text(manifest))
+
+
+def manifest_text(manifest: dict) -> str:
+    """The manifest as JSON: the settings indented, then one line per image record."""
+    head = json.dumps({k: v for k, v in manifest.items() if k not in ("train", "val")}, indent=1)
+    splits = [
+        f' "{split}": [\n' + ",\n".join("  " + json.dumps(r) for r in manifest[split]) + "\n ]"
+        for split in ("train", "val")
+    ]
+    return head[: -len("\n}")] + ",\n" + ",\n".join(splits) + "\n}\n"
 
 
 def _save_png(img: Image.Image, path: Path) -> None:
