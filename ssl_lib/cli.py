@@ -22,6 +22,7 @@ DEFAULT_EVAL_RECIPES = {
     "knn": "eval/knn_umbc",
     "linear": "eval/linear_cached",
     "cluster": "eval/cluster_alignment",
+    "backdoor": "eval/backdoor_linear_umbc",
 }
 DEFAULT_DEFEND_RECIPE = "defend/patchsearch"
 
@@ -46,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.1")
     tr.add_argument("--resume", metavar="RUN_DIR|CKPT", help="continue a run")
     ev = sub.add_parser(
-        "eval", help="evaluate a checkpoint: ssl-lib eval knn|linear|cluster CKPT ..."
+        "eval", help="evaluate a checkpoint: ssl-lib eval knn|linear|cluster|backdoor CKPT ..."
     )
     ev_sub = ev.add_subparsers(dest="protocol", required=True)
     for protocol, recipe in DEFAULT_EVAL_RECIPES.items():
@@ -83,6 +84,15 @@ def _parser() -> argparse.ArgumentParser:
             nargs="*",
             help=f"optional defence recipe (default {DEFAULT_DEFEND_RECIPE}), then overrides",
         )
+    po = sub.add_parser("poison", help="poisoned data sets: ssl-lib poison make RECIPE ...")
+    po_sub = po.add_subparsers(dest="action", required=True)
+    pm = po_sub.add_parser(
+        "make",
+        help="poisoned copies, file lists and a manifest: RECIPE [key=value ...]",
+        parents=[common],
+    )
+    pm.add_argument("recipe", help="poison recipe, e.g. poison/cifar10_targeted")
+    pm.add_argument("overrides", nargs="*", help="key=value overrides, e.g. poison.rate=0.5")
     ex = sub.add_parser("export", help="write a checkpoint's backbone for torchvision / timm")
     ex.add_argument("checkpoint", help="a checkpoint written by ssl-lib train")
     ex.add_argument("out", help="the weights file to write")
@@ -171,6 +181,8 @@ def run(argv: Sequence[str]) -> int:
         )
     elif args.command == "defend":
         defend(args.defence, args.target, args.args)
+    elif args.command == "poison":
+        poison_make(args.recipe, args.overrides)
     elif args.command == "export":
         from ssl_lib.export import export_weights
 
@@ -194,14 +206,46 @@ def run(argv: Sequence[str]) -> int:
     return 0
 
 
+def poison_make(recipe: str, overrides: list[str]) -> None:
+    """``ssl-lib poison make RECIPE [key=value ...]``: prints what was written."""
+    from ssl_lib.backdoor.config import load_poison_config
+    from ssl_lib.backdoor.make import make_poison
+
+    out, manifest = make_poison(load_poison_config(recipe, overrides), not console.is_quiet())
+    attack, rate = manifest["attack"], manifest["attack"]["rate"]
+    target = attack["target"]
+    named = "none (untargeted)" if target is None else f"{target['name']} (label {target['label']})"
+    print(f"target:       {named}")
+    print(
+        f"poisoned:     {rate['num_poisoned']} of {rate['num_candidates']} candidates "
+        f"({rate['of_candidates']:.4f}); {rate['of_train']:.4%} of {rate['num_train']} "
+        "training images"
+    )
+    print(f"patched val:  {len(manifest['val'])} images")
+    print(f"output:       {out}")
+
+
 def evaluate(protocol: str, checkpoint: str, args: list[str]) -> None:
-    """``ssl-lib eval knn|linear|cluster CHECKPOINT [RECIPE] [key=value ...]``: table and JSON."""
+    """``ssl-lib eval knn|linear|cluster|backdoor CHECKPOINT [RECIPE] [key=value ...]``: table
+    and JSON."""
     from ssl_lib.eval.runner import results_table, run_cluster, run_knn, run_linear
 
     recipe = DEFAULT_EVAL_RECIPES[protocol]
     if args and "=" not in args[0]:
         recipe, args = args[0], args[1:]
     cfg = load_eval_config(recipe, args)
+    if protocol == "backdoor":
+        from ssl_lib.backdoor.evaluate import backdoor_table, run_backdoor
+
+        record, folder = run_backdoor(checkpoint, cfg)
+        print(
+            f"backdoor evaluation of {checkpoint} ({record['num_train']} train / "
+            f"{record['num_val']} clean val / {record['results']['num_patched']} patched val "
+            f"images, {len(record['classes'])} classes, probe {cfg.backdoor.probe})"
+        )
+        print(backdoor_table(record["results"]))
+        print(f"results:      {folder}")
+        return
     runners = {"knn": run_knn, "linear": run_linear, "cluster": run_cluster}
     record, path = runners[protocol](checkpoint, cfg)
     print(

@@ -69,6 +69,7 @@ __all__ = [
 RECIPES_DIR = Path(resources.files("ssl_lib").joinpath("recipes"))
 EVAL_RECIPES = "eval"
 DEFEND_RECIPES = "defend"
+POISON_RECIPES = "poison"
 
 
 def _find(folder: Path, name: str) -> Path | None:
@@ -100,16 +101,18 @@ def resolve_recipe(recipe: str | Path) -> Path:
 
 
 def recipe_kind(name: str) -> str:
-    """``eval`` and ``defend`` for shipped recipes in those folders, else ``train``."""
+    """``eval``, ``defend`` or ``poison`` for shipped recipes in those folders (``ssl-lib eval``,
+    ``ssl-lib defend``, ``ssl-lib poison make``), else ``train``."""
     first = Path(name).parts[0]
-    return first if first in (EVAL_RECIPES, DEFEND_RECIPES) else "train"
+    return first if first in (EVAL_RECIPES, DEFEND_RECIPES, POISON_RECIPES) else "train"
 
 
 def list_recipes(kind: str | None = None) -> list[str]:
     """Shipped recipe names (relative to ``ssl_lib/recipes/``, without ``.yaml``); names
     starting with ``_`` (bases that are not recipes on their own) are left out.
 
-    ``kind``: ``train``, ``eval`` or ``defend`` keeps only that kind; ``None`` lists all.
+    ``kind``: ``train``, ``eval``, ``defend`` or ``poison`` keeps only that kind
+    (:func:`recipe_kind`); ``None`` lists all.
     """
     if not RECIPES_DIR.is_dir():
         return []

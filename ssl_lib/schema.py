@@ -102,6 +102,70 @@ class SyntheticConfig(Section):
     seed: int = 0
 
 
+def _check_band(key: str, band: Sequence[float]) -> None:
+    require(
+        len(band) == 2 and 0 <= band[0] < band[1] <= 1,
+        key,
+        f"must be [lo, hi] with 0 <= lo < hi <= 1 (fractions of the image side), got {list(band)}",
+    )
+
+
+@dataclass
+class TriggerConfig(Section):
+    """The patch trigger of a backdoor attack (``ssl_lib.backdoor``; docs/backdoor.md).
+
+    ``image``: the user's trigger image (resized to ``width`` pixels, aspect kept); ``null``:
+    a seeded procedural pattern (a ``cells`` x ``cells`` grid of random colours, blurred) drawn
+    from ``seed``. ``opacity``: the trigger's weight inside the patch, 1 = it replaces the
+    pixels; it is ``1 - alpha`` of Saha et al.'s code, whose ``alpha`` is the base image's
+    weight.
+    """
+
+    image: str | None = None
+    seed: int = 0
+    cells: int = 4
+    width: int = 50
+    opacity: float = 1.0
+
+    def check(self) -> None:
+        super().check()
+        require(self.width >= 1, "width", f"must be >= 1 pixel, got {self.width}")
+        require(self.cells >= 1, "cells", f"must be >= 1, got {self.cells}")
+        require(0 < self.opacity <= 1, "opacity", f"must lie in (0, 1], got {self.opacity}")
+
+
+@dataclass
+class PoisonSpec(Section):
+    """A patch-trigger poisoning of the training images (``ssl_lib.backdoor``).
+
+    ``targeted``: only images of class ``target`` (a class name or label) are candidates; else
+    every image is. ``rate``: the fraction of the candidates that get the trigger, in (0, 1].
+    ``train_band`` / ``val_band``: the trigger's top-left corner lies uniformly in
+    ``[lo * W, hi * W - width]`` (same for y), on training images at their native size and on
+    validation images after Resize + CenterCrop. ``seed`` draws the poisoned images and boxes.
+    """
+
+    trigger: TriggerConfig = field(default_factory=TriggerConfig)
+    targeted: bool = True
+    target: str | None = None
+    rate: float = 0.5
+    train_band: list[float] = field(default_factory=lambda: [0.25, 0.75])
+    val_band: list[float] = field(default_factory=lambda: [0.10, 0.90])
+    seed: int = 0
+
+    def check(self) -> None:
+        super().check()
+        require(0 < self.rate <= 1, "rate", f"must lie in (0, 1], got {self.rate}")
+        require(
+            self.target is not None or not self.targeted,
+            "target",
+            "must name the target class (name or label) of a targeted attack, or set "
+            "targeted: false",
+        )
+        _check_band("train_band", self.train_band)
+        _check_band("val_band", self.val_band)
+
+
 @dataclass
 class DataConfig(Section):
     """Training data.
@@ -117,6 +181,9 @@ class DataConfig(Section):
     like the SimCLR ImageNet subsets) or as a seeded class-balanced fraction.
     ``max_image_pixels``: image files with more pixels are refused as unreadable (PIL's
     decompression-bomb guard; ``null``: no limit).
+    ``extra_roots``: further folders where ``file_list`` looks for a relative path not found
+    under ``root`` (absolute paths in a list are used as they are).
+    ``poison``: poison the training images on the fly (:class:`PoisonSpec`; docs/backdoor.md).
     """
 
     CHOICES: ClassVar[dict[str, Sequence[str]]] = {
@@ -138,6 +205,8 @@ class DataConfig(Section):
     labelled_subset: str | None = None
     labelled_fraction: float | None = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    extra_roots: list[str] = field(default_factory=list)
+    poison: PoisonSpec | None = None
 
     def check(self) -> None:
         super().check()

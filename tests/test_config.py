@@ -28,7 +28,7 @@ def test_every_shipped_recipe_loads():
     assert "eval/knn_umbc" in eval_names and "eval/cifar10_linear_cached" in eval_names
     defend_names = list_recipes("defend")
     assert "defend/patchsearch" in defend_names
-    assert sorted(names + eval_names + defend_names) == list_recipes()
+    assert sorted(names + eval_names + defend_names + list_recipes("poison")) == list_recipes()
     for name in eval_names:
         cfg = load_eval_config(name)
         assert cfg.knn.ks and cfg.linear.protocol

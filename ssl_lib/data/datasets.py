@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -239,32 +239,51 @@ def image_folder(
 
 
 def file_list(
-    root: str,
+    root: str | None,
     list_file: str,
     skip_corrupt: bool = False,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    extra_roots: Sequence[str] = (),
 ) -> ImageList:
-    """Images listed in ``list_file``, one ``relative/path [label]`` per line, under ``root``.
+    """Images listed in ``list_file``, one ``path [label]`` per line.
 
+    A relative path is looked up under ``root``, then under each of ``extra_roots`` in order
+    (e.g. the originals and a folder of poisoned copies); an absolute path is used as it is.
     Without a label the class is the path's first folder, numbered like ``image_folder(root)``
-    numbers its class folders (so subsets of ImageNet keep ImageNet's label ids).
+    numbers its class folders (so subsets of ImageNet keep ImageNet's label ids); an absolute
+    path needs a label. ``root`` may be ``None`` when every line is absolute and labelled (the
+    class names are then unknown: ``classes`` is empty).
+
+    Raises :class:`DataError` (one line, naming the list file and line) for a missing folder,
+    list or image, a label that is not an integer or lies outside the classes of ``root``, or
+    a line without a label whose class folder is not one of ``root``.
     """
-    base, lst = Path(root), Path(list_file)
-    if not base.is_dir():
-        raise DataError(f"data folder '{root}' does not exist (data.root)")
+    lst = Path(list_file)
+    folders = [Path(r) for r in ([root] if root is not None else []) + list(extra_roots)]
+    for folder in folders:
+        if not folder.is_dir():
+            key = "data.root" if root is not None and folder == Path(root) else "data.extra_roots"
+            raise DataError(f"data folder '{folder}' does not exist ({key})")
     if not lst.is_file():
         raise DataError(f"file list '{list_file}' does not exist (data.file_list)")
-    classes = _classes(base)
+    classes = _classes(Path(root)) if root is not None else []
     index = {c: i for i, c in enumerate(classes)}
+    where = " or ".join(f"'{f}'" for f in folders) or "no folder (data.root is not set)"
     samples: list[tuple[str, int]] = []
     for lineno, line in enumerate(lst.read_text().splitlines(), 1):
         parts = line.split()
         if not parts or parts[0].startswith("#"):
             continue
         rel = parts[0]
-        path = base / rel
-        if not path.is_file():
-            raise DataError(f"{list_file}:{lineno}: image '{rel}' not found under '{root}'")
+        if Path(rel).is_absolute():
+            path = Path(rel)
+            if not path.is_file():
+                raise DataError(f"{list_file}:{lineno}: image '{rel}' not found")
+        else:
+            found = [f / rel for f in folders if (f / rel).is_file()]
+            if not found:
+                raise DataError(f"{list_file}:{lineno}: image '{rel}' not found under {where}")
+            path = found[0]
         if len(parts) > 1:
             try:
                 label = int(parts[1])
@@ -278,10 +297,10 @@ def file_list(
                 )
         else:
             cls = Path(rel).parts[0]
-            if cls not in index:
+            if Path(rel).is_absolute() or cls not in index:
                 raise DataError(
                     f"{list_file}:{lineno}: class folder '{cls}' of '{rel}' is not a class "
-                    f"of '{root}'"
+                    f"of '{root}'; give the label after the path"
                 )
             label = index[cls]
         samples.append((str(path), label))
@@ -340,9 +359,11 @@ def build_base_dataset(cfg, train: bool = True, root: str | None = None) -> Data
             raise DataError("data.root must name the image folder (root/<class>/<image>)")
         return image_folder(root, cfg.skip_corrupt, cfg.max_image_pixels)
     if kind == "file_list":
-        if root is None or cfg.file_list is None:
-            raise DataError("data.dataset=file_list needs data.root and data.file_list")
-        return file_list(root, cfg.file_list, cfg.skip_corrupt, cfg.max_image_pixels)
+        if cfg.file_list is None:
+            raise DataError("data.dataset=file_list needs data.file_list (and data.root)")
+        return file_list(
+            root, cfg.file_list, cfg.skip_corrupt, cfg.max_image_pixels, cfg.extra_roots
+        )
     if kind in CIFAR:
         return cifar(kind, root, train, cfg.download)
     raise DataError(f"unknown data.dataset '{kind}'")

@@ -9,6 +9,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
+from ssl_lib.backdoor.poison import PoisonedDataset
 from ssl_lib.data.datasets import (
     DataError,
     IndexedDataset,
@@ -63,7 +64,10 @@ class SSLDataModule(pl.LightningDataModule):
     def build_train_set(self) -> IndexedDataset:
         """The indexed, multi-view training set (built once)."""
         if self.train_set is None:
-            base = subsample(build_base_dataset(self.cfg), self.cfg.max_samples, self.seed)
+            base = build_base_dataset(self.cfg)
+            if self.cfg.poison is not None:  # on the fly, before any subset is taken
+                base = PoisonedDataset(base, self.cfg.poison)
+            base = subsample(base, self.cfg.max_samples, self.seed)
             views = MultiView(self.cfg.views, self.cfg.image_size)
             self.train_set = IndexedDataset(base, views, self.seed)
         return self.train_set

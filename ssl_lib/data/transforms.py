@@ -95,11 +95,22 @@ VIEWS.register("bt_a")(byol1)
 VIEWS.register("bt_b")(byol2)
 
 
+def eval_geometry(size: int) -> v2.Compose:
+    """The geometry of the evaluation transform alone (PIL image in, PIL image out):
+    Resize (size / 0.875) + centre crop; at 64 px and below a plain resize + centre crop."""
+    resize = size if size <= SMALL_IMAGE else round(size / 0.875)
+    return v2.Compose([v2.Resize(resize), v2.CenterCrop(size)])
+
+
+def to_normalized_tensor() -> v2.Compose:
+    """The evaluation transform without its geometry: tensor in [0, 1], ImageNet-normalised."""
+    return v2.Compose(_finish())
+
+
 @VIEWS.register("eval")
 def eval_transform(size: int) -> v2.Compose:
     """Resize (size / 0.875) + centre crop; at 64 px and below a plain resize + centre crop."""
-    resize = size if size <= SMALL_IMAGE else round(size / 0.875)
-    return v2.Compose([v2.Resize(resize), v2.CenterCrop(size), *_finish()])
+    return v2.Compose([eval_geometry(size), *_finish()])
 
 
 @VIEWS.register("probe")

@@ -172,6 +172,22 @@ class ClusterEvalConfig(Section):
         require(self.iters >= 1, "iters", f"must be at least 1, got {self.iters}")
 
 
+class BackdoorEvalConfig(Section):
+    """``ssl-lib eval backdoor``: ``manifest`` (the ``poison make`` output folder or its
+    ``manifest.json``), ``probe`` (``linear``: the ``linear`` section's protocol; ``knn``: a
+    majority vote for each of ``knn.ks``) and how many patched examples the grid shows."""
+
+    CHOICES: ClassVar[dict[str, Sequence[str]]] = {"probe": ("linear", "knn")}
+
+    manifest: str | None = None
+    probe: str = "linear"
+    grid_examples: int = 16
+
+    def check(self) -> None:
+        super().check()
+        require(self.grid_examples >= 1, "grid_examples", f"must be >= 1, got {self.grid_examples}")
+
+
 @dataclass
 class EvalConfig(Section):
     """An evaluation recipe; ``output``: the results JSON (``null`` = ``<run>/eval/``)."""
@@ -181,6 +197,7 @@ class EvalConfig(Section):
     knn: KNNEvalConfig = field(default_factory=KNNEvalConfig)
     linear: LinearEvalConfig = field(default_factory=LinearEvalConfig)
     cluster: ClusterEvalConfig = field(default_factory=ClusterEvalConfig)
+    backdoor: BackdoorEvalConfig = field(default_factory=BackdoorEvalConfig)
     output: str | None = None
 
 

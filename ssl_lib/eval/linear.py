@@ -241,11 +241,23 @@ def linear_cached(
     progress: bool = False,
 ) -> dict:
     """The cached-feature probe: LR selection on held-out train rows, then a full retrain."""
+    return fit_linear_cached(train, val, num_classes, cfg, device, progress)[0]
+
+
+def fit_linear_cached(
+    train: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor],
+    num_classes: int,
+    cfg,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> tuple[dict, LinearProbe]:
+    """:func:`linear_cached`'s results and the trained probe (last epoch)."""
     feats, labels = train
     selection = select_lr(feats, labels, num_classes, cfg, device)
     probe, batches = _standardized_setup(feats, labels, num_classes, cfg, device)
     result = train_and_track(probe, batches, val, num_classes, cfg, selection["lr"], progress)
-    return {**result, "lr": selection["lr"], "lr_selection": selection}
+    return {**result, "lr": selection["lr"], "lr_selection": selection}, probe
 
 
 def linear_augmented(
@@ -264,6 +276,21 @@ def linear_augmented(
     ``(images, labels, index)`` with training augmentation; ``train_feats`` (centre-crop
     features of the train set) give the UMBC standardisation statistics.
     """
+    args = (model, loader, train_feats, val, num_classes, cfg, device, progress)
+    return fit_linear_augmented(*args)[0]
+
+
+def fit_linear_augmented(
+    model: nn.Module,
+    loader: Iterable,
+    train_feats: Tensor,
+    val: tuple[Tensor, Tensor],
+    num_classes: int,
+    cfg,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> tuple[dict, LinearProbe]:
+    """:func:`linear_augmented`'s results and the trained probe (last epoch)."""
     torch.manual_seed(cfg.seed)
     stats = standardization_stats(train_feats) if cfg.protocol == "umbc" else None
     probe = LinearProbe(train_feats.shape[1], num_classes, stats).to(device)
@@ -275,4 +302,4 @@ def linear_augmented(
                 feats = model(images.to(device, non_blocking=True)).flatten(1)
             yield feats, labels
 
-    return train_and_track(probe, batches, val, num_classes, cfg, cfg.lr, progress)
+    return train_and_track(probe, batches, val, num_classes, cfg, cfg.lr, progress), probe

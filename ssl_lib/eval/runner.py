@@ -182,8 +182,9 @@ class Evaluation:
         self.cache.save(key, feats, labels, indices)
         return feats, labels
 
-    def report(self, command: str, results: dict) -> tuple[dict, Path]:
-        """The JSON record (results + exact settings) and the new file it was written to."""
+    def report(self, command: str, results: dict, path: Path | None = None) -> tuple[dict, Path]:
+        """The JSON record (results + exact settings) and the new file it was written to
+        (``path``, else ``output`` or ``<run>/eval/<command>_<checkpoint stem>.json``)."""
         record = {
             "command": command,
             "checkpoint": str(self.checkpoint.resolve()),
@@ -195,8 +196,10 @@ class Evaluation:
             "results": results,
             "settings": OmegaConf.to_container(self.cfg, resolve=True),
         }
-        default = run_folder_of(self.checkpoint) / "eval" / f"{command}_{self.checkpoint.stem}.json"
-        path = unused_path(Path(self.cfg.output) if self.cfg.output else default)
+        if path is None:
+            name = f"{command}_{self.checkpoint.stem}.json"
+            default = run_folder_of(self.checkpoint) / "eval" / name
+            path = unused_path(Path(self.cfg.output) if self.cfg.output else default)
         atomic_write_text(path, json.dumps(record, indent=2))
         return record, path
 
