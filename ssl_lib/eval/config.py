@@ -1,4 +1,4 @@
-"""The evaluation recipe schema (``ssl-lib eval knn|linear|cluster``), with its checks.
+"""The evaluation recipe schema (``ssl-lib eval knn|linear|cluster|backdoor``), with its checks.
 
 Loaded like a training recipe (``ssl_lib.config.load_eval_config``): inheritance, overrides
 and errors that name the file and the key.
@@ -172,6 +172,7 @@ class ClusterEvalConfig(Section):
         require(self.iters >= 1, "iters", f"must be at least 1, got {self.iters}")
 
 
+@dataclass
 class BackdoorEvalConfig(Section):
     """``ssl-lib eval backdoor``: ``manifest`` (the ``poison make`` output folder or its
     ``manifest.json``), ``probe`` (``linear``: the ``linear`` section's protocol; ``knn``: a
