@@ -46,6 +46,16 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "args", nargs="*", help=f"optional eval recipe (default {recipe}), then overrides"
         )
+    df = sub.add_parser("defend", help="backdoor defences: ssl-lib defend block CKPT RECIPE ...")
+    df_sub = df.add_subparsers(dest="defence", required=True)
+    bl = df_sub.add_parser(
+        "block",
+        help="ViT test-time patch blocking: CHECKPOINT RECIPE [key=value ...]",
+        parents=[common],
+    )
+    bl.add_argument("checkpoint", help="a checkpoint written by ssl-lib train (ViT backbone)")
+    bl.add_argument("recipe", help="eval recipe with a block: section (docs/defences.md)")
+    bl.add_argument("overrides", nargs="*", help="key=value overrides, e.g. block.block_size=4")
     ex = sub.add_parser("export", help="write a checkpoint's backbone for torchvision / timm")
     ex.add_argument("checkpoint", help="a checkpoint written by ssl-lib train")
     ex.add_argument("out", help="the weights file to write")
@@ -102,6 +112,18 @@ def run(argv: Sequence[str]) -> int:
             return 1
     elif args.command == "eval":
         evaluate(args.protocol, args.checkpoint, args.args)
+    elif args.command == "defend":
+        from ssl_lib.eval.blocking import block_table, run_block
+
+        record, path = run_block(args.checkpoint, load_eval_config(args.recipe, args.overrides))
+        r = record["results"]
+        print(
+            f"test-time blocking of {args.checkpoint} (target '{r['target_class']}', "
+            f"{r['block_size']} px square, {record['num_val']} clean / {r['num_patched']} "
+            "patched val images)"
+        )
+        print(block_table(r))
+        print(f"results:      {path}")
     elif args.command == "export":
         from ssl_lib.export import export_weights
 
