@@ -1,5 +1,5 @@
 """Test-time patch blocking for vision transformers (Subramanya et al., "Backdoor Attacks on
-Vision Transformers", arXiv 2206.08477, Sec. 5).
+Vision Transformers", arXiv 2206.08477).
 
 For each test image: the rollout map of its predicted class (:mod:`ssl_lib.interpret.rollout`)
 is smoothed by a box filter (31 x 31 at 224 px); a square (30 x 30 at 224 px, the trigger size

@@ -1,9 +1,9 @@
 """Attention rollout of vision transformers, plain and weighted by attention gradients.
 
-* Plain rollout (Abnar & Zuidema, ACL 2020, Sec. 3): per block the head-fused attention ``A``,
+* Plain rollout (Abnar & Zuidema, ACL 2020): per block the head-fused attention ``A``,
   ``(A + I) / 2`` (the residual connection), rows normalised, multiplied across blocks.
 * Attention-gradient rollout, the map the ViT patch-blocking defence uses (Subramanya et al.,
-  "Backdoor Attacks on Vision Transformers", arXiv 2206.08477, Sec. 5): per block the head
+  "Backdoor Attacks on Vision Transformers", arXiv 2206.08477): per block the head
   mean of ``attention * d(class logit)/d(attention)``, negatives clipped to 0, the lowest
   ``discard_ratio`` of the entries set to 0, then the same ``(A + I) / 2``, row normalisation
   and product.

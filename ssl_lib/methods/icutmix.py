@@ -1,8 +1,8 @@
 """i-CutMix: CutMix of the query images, with the contrastive target mixed in the same ratio.
 
-PatchSearch (Tejankar et al., CVPR 2023, Sec. 3.4) retrains on the filtered set with i-CutMix
-(after i-Mix, Lee et al., ICLR 2021) because pasting a box of another image over a possible
-trigger weakens what a left-over poison can teach. For the whole batch: one mixing ratio
+PatchSearch (Tejankar et al., CVPR 2023, arXiv 2304.01482) retrains on the filtered set with
+i-CutMix (after i-Mix, Lee et al., ICLR 2021) because pasting a box of another image over a
+possible trigger weakens what a left-over poison can teach. For the whole batch: one mixing ratio
 ``lam ~ Beta(alpha, alpha)``, folded to ``lam = max(lam, 1 - lam)``; one box of area about
 ``(1 - lam)`` of the image, centred at a uniformly random pixel and clipped to the image; the box
 is cut from a permuted batch partner, and ``lam`` is recomputed from the clipped box. The loss

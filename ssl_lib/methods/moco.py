@@ -43,7 +43,7 @@ def icutmix_infonce_loss(
     its own key is class ``i`` and its partner's key class ``partner[i]``. PatchSearch's
     i-CutMix is written for MoCo v3, whose logits are the in-batch keys only (and whose loss is
     scaled by 2T); for MoCo v2 the queue is kept as further negatives, as i-Mix does for MoCo
-    (Lee et al., ICLR 2021, Sec. 4), and the loss is not rescaled, so ``lam = 1`` is MoCo v2's
+    (Lee et al., ICLR 2021), and the loss is not rescaled, so ``lam = 1`` is MoCo v2's
     InfoNCE with the other keys of the batch as extra negatives.
 
     ``q``, ``k``: (B, D), L2-normalised here; ``queue``: (K, D) rows used as stored;
