@@ -155,6 +155,7 @@ def test_sizes_scale_with_the_image():
 def test_square_position_and_clamping():
     assert square_box(10, 12, 4, 32, 32) == (8, 12, 10, 14)  # centred
     assert square_box(0, 31, 4, 32, 32) == (0, 4, 28, 32)  # moved inside, same size
+    assert square_box(31, 1, 4, 32, 32) == (28, 32, 0, 4)
     assert square_box(5, 5, 32, 32, 32) == (0, 32, 0, 32)
     with pytest.raises(ValueError, match="block size 33 px does not fit in a 32x32 image"):
         square_box(5, 5, 33, 32, 32)
