@@ -41,21 +41,15 @@ from ssl_lib.interpret.rollout import AttentionRecorder
 __all__ = ["block_table", "run_block"]
 
 
-def _check_vit(ev: Evaluation, image_size: int) -> None:
-    name = ev.method.cfg.model.backbone
+def _check_vit(ev: Evaluation) -> None:
     try:
         AttentionRecorder(ev.method.backbone)
     except ValueError:
         raise ConfigError(
-            f"checkpoint '{ev.checkpoint}': backbone '{name}' is not a vision transformer; "
-            "test-time blocking needs attention maps (e.g. vit_b_16, vit_s_16)"
+            f"checkpoint '{ev.checkpoint}': backbone '{ev.method.cfg.model.backbone}' is not a "
+            "vision transformer; test-time blocking needs attention maps (e.g. vit_b_16, "
+            "vit_s_16)"
         ) from None
-    trained = ev.method.cfg.data.image_size
-    if trained != image_size:
-        raise ConfigError(
-            f"data.image_size={image_size} differs from the {trained} px the ViT of "
-            f"'{ev.checkpoint}' was built for: set data.image_size={trained}"
-        )
 
 
 def _patched_set(root: str, classes: list[str], size: int):
@@ -178,7 +172,7 @@ def run_block(checkpoint: str | Path, cfg: DictConfig) -> tuple[dict, Path]:
         shown = ", ".join(classes[:10]) + (" ..." if len(classes) > 10 else "")
         raise ConfigError(f"block.target_class '{b.target_class}' is not a class: {shown}")
     target = classes.index(b.target_class)
-    _check_vit(ev, size)
+    _check_vit(ev)
     patched = _patched_set(b.patched_root, classes, size)
     probe, probe_path, probe_fit = _probe(ev, cfg)
     vit = ev.method.backbone
