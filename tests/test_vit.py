@@ -8,6 +8,7 @@ from conftest import tiny_config
 from test_methods_ddp import CASES, META_KEYS
 
 from ssl_lib.config import ConfigError, config_from_dict
+from ssl_lib.export import load_code
 from ssl_lib.methods import build_method
 from ssl_lib.models import build_backbone
 
@@ -62,3 +63,11 @@ def test_patch_must_divide_the_image():
     assert "'vit_micro_p8'" in message and "32 or 40" in message
     with pytest.raises(ValueError, match="image size 100 is not a multiple of the 16-pixel"):
         build_backbone("vit_b_16", image_size=100)
+
+
+def test_exported_state_dict_loads_at_the_trained_size(tmp_path):
+    path = tmp_path / "vit.pt"
+    torch.save(build_backbone("vit_micro_p8", image_size=48).state_dict(), path)
+    scope: dict = {}
+    exec(load_code("vit_micro_p8", "state_dict", path, image_size=48), scope)
+    assert scope["model"](torch.randn(1, 3, 48, 48)).shape == (1, 32)
