@@ -60,9 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "args", nargs="*", help=f"optional eval recipe (default {recipe}), then overrides"
         )
-    df = sub.add_parser(
-        "defend", help="find poisoned training images: ssl-lib defend patchsearch|filter"
-    )
+    df = sub.add_parser("defend", help="backdoor defences: ssl-lib defend patchsearch|filter|block")
     df_sub = df.add_subparsers(dest="defence", required=True)
     ps = df_sub.add_parser(
         "patchsearch",
@@ -78,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     fl.add_argument(
         "target", metavar="search_dir", help="a folder written by ssl-lib defend patchsearch"
     )
+    bl = df_sub.add_parser(
+        "block",
+        help="ViT test-time patch blocking: CHECKPOINT RECIPE [key=value ...]",
+        parents=[common],
+    )
+    bl.add_argument("checkpoint", help="a checkpoint written by ssl-lib train (ViT backbone)")
+    bl.add_argument("recipe", help="eval recipe with a block: section (docs/defences.md)")
+    bl.add_argument("overrides", nargs="*", help="key=value overrides, e.g. block.block_size=4")
     for p in (ps, fl):
         p.add_argument(
             "args",
@@ -179,6 +185,18 @@ def run(argv: Sequence[str]) -> int:
                 args.root, args.out, args.fraction, args.seed, args.classes, args.force
             )
         )
+    elif args.command == "defend" and args.defence == "block":
+        from ssl_lib.eval.blocking import block_table, run_block
+
+        record, path = run_block(args.checkpoint, load_eval_config(args.recipe, args.overrides))
+        r = record["results"]
+        print(
+            f"test-time blocking of {args.checkpoint} (target '{r['target_class']}', "
+            f"{r['block_size']} px square, {record['num_val']} clean / {r['num_patched']} "
+            "patched val images)"
+        )
+        print(block_table(r))
+        print(f"results:      {path}")
     elif args.command == "defend":
         defend(args.defence, args.target, args.args)
     elif args.command == "poison":

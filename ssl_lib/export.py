@@ -21,7 +21,7 @@ from ssl_lib.checkpoints import CheckpointError, atomic_save
 from ssl_lib.config import ConfigError
 from ssl_lib.eval.runner import load_checkpoint_model
 from ssl_lib.methods import METHODS
-from ssl_lib.models.backbones import RESNET_ARCHS
+from ssl_lib.models.backbones import RESNET_ARCHS, VIT_PATCH_SIZES
 
 FORMATS = ("torchvision", "timm", "state_dict")
 PARTS = ("backbone", "target")
@@ -88,19 +88,22 @@ def convert_state_dict(state_dict: dict[str, Tensor], backbone: str, fmt: str) -
     return staged_resnet_to_torchvision(state_dict)
 
 
-def load_code(backbone: str, fmt: str, path: str | Path) -> str:
+def load_code(backbone: str, fmt: str, path: str | Path, image_size: int | None = None) -> str:
     """Python lines that build ``model`` and load the exported file ``path`` strictly into it.
 
     ``model(images)`` then gives the backbone features, ``(B, feat_dim)`` float32: the
     classifier ``fc`` is replaced by ``nn.Identity`` (torchvision) or left out with
-    ``num_classes=0`` (timm), as the file holds no classifier.
+    ``num_classes=0`` (timm), as the file holds no classifier. A vision transformer is rebuilt
+    for ``image_size``, the size it was trained at (its position embeddings depend on it).
     """
     load = f"model.load_state_dict(torch.load({str(path)!r}))"
     if fmt == "state_dict":
         lines = [
             "import torch",
             "from ssl_lib.models import build_backbone",
-            f"model = build_backbone({backbone!r})",
+            f"model = build_backbone({backbone!r}, image_size={image_size!r})"
+            if backbone in VIT_PATCH_SIZES  # built for the size it was trained at
+            else f"model = build_backbone({backbone!r})",
         ]
     elif fmt == "timm":
         name = backbone[len("timm:") :] if backbone.startswith("timm:") else backbone
@@ -200,7 +203,7 @@ def export_weights(
         )
     module = method.target["backbone"] if part == "target" else method.backbone
     weights = convert_state_dict(module.state_dict(), backbone, fmt)
-    code = load_code(backbone, fmt, out)
+    code = load_code(backbone, fmt, out, method.cfg.data.image_size)
     atomic_save(weights, out)
     return ExportedWeights(
         path=out,

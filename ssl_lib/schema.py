@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ssl_lib.data.transforms import VIEWS
-from ssl_lib.models.backbones import BACKBONES
+from ssl_lib.models.backbones import BACKBONES, image_size_problem
 from ssl_lib.models.heads import MLPConfig
 
 Layer = tuple[str, DictConfig]  # (where it comes from, its raw values)
@@ -336,6 +336,11 @@ class RunConfig(Section):
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+    def check(self) -> None:
+        super().check()
+        problem = image_size_problem(self.model.backbone, self.data.image_size)
+        require(problem is None, ("data.image_size", "model.backbone"), f"{problem}")
 
 
 def require_registered(key: str, registry: Any, name: str) -> None:

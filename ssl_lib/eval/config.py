@@ -190,6 +190,49 @@ class BackdoorEvalConfig(Section):
 
 
 @dataclass
+class BlockDefenceConfig(Section):
+    """Test-time patch blocking (``ssl-lib defend block``; ``ssl_lib.eval.blocking``).
+
+    ``patched_root``: trigger-pasted val images in class folders (true labels, the same class
+    folders as the train set), already at ``data.image_size`` (used without resize or crop).
+    ``target_class``: the attack's target class folder. ``probe``: a probe file written by an
+    earlier run (``null``: a cached-feature probe is trained on ``data.train_root`` with the
+    ``linear`` settings and saved). ``block_size`` / ``filter_size``: side (px) of the blocked
+    square and of the box filter (``null``: 30 and 31 at 224 px, scaled with the image size).
+    ``rollout``: ``gradient`` (attention-gradient rollout) or ``plain``; ``discard_ratio``:
+    share of the lowest attention entries zeroed per block; ``column_quirk``: the column-wise
+    normalisation of the published code (see ``ssl_lib.interpret.rollout.gradient_rollout``).
+    """
+
+    CHOICES: ClassVar[dict[str, Sequence[str]]] = {"rollout": ("gradient", "plain")}
+
+    patched_root: str | None = None
+    target_class: str | None = None
+    probe: str | None = None
+    block_size: int | None = None
+    filter_size: int | None = None
+    rollout: str = "gradient"
+    discard_ratio: float = 0.9
+    column_quirk: bool = False
+
+    def check(self) -> None:
+        super().check()
+        require(
+            0 <= self.discard_ratio < 1,
+            "discard_ratio",
+            f"must lie in [0, 1), got {self.discard_ratio}",
+        )
+        if self.block_size is not None:
+            require(self.block_size >= 1, "block_size", f"must be >= 1, got {self.block_size}")
+        if self.filter_size is not None:
+            require(
+                self.filter_size >= 1 and self.filter_size % 2 == 1,
+                "filter_size",
+                f"must be odd and >= 1 (a centred window), got {self.filter_size}",
+            )
+
+
+@dataclass
 class EvalConfig(Section):
     """An evaluation recipe; ``output``: the results JSON (``null`` = ``<run>/eval/``)."""
 
@@ -199,6 +242,7 @@ class EvalConfig(Section):
     linear: LinearEvalConfig = field(default_factory=LinearEvalConfig)
     cluster: ClusterEvalConfig = field(default_factory=ClusterEvalConfig)
     backdoor: BackdoorEvalConfig = field(default_factory=BackdoorEvalConfig)
+    block: BlockDefenceConfig = field(default_factory=BlockDefenceConfig)
     output: str | None = None
 
 

@@ -27,6 +27,7 @@ from ssl_lib.eval.linear import linear_augmented, linear_cached
 from ssl_lib.files import atomic_write_text, run_folder_of, unused_path
 from ssl_lib.memory.search import faiss_available
 from ssl_lib.methods import SSLMethod, load_method
+from ssl_lib.models.backbones import VIT_PATCH_SIZES
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -135,6 +136,12 @@ class Evaluation:
         self.checkpoint = Path(checkpoint)
         self.cfg = cfg
         self.method = load_checkpoint_model(self.checkpoint)
+        trained = self.method.cfg.data.image_size
+        if self.method.cfg.model.backbone in VIT_PATCH_SIZES and trained != cfg.data.image_size:
+            raise ConfigError(  # its position embeddings cover one patch grid
+                f"data.image_size={cfg.data.image_size} differs from the {trained} px the ViT "
+                f"of '{self.checkpoint}' was built for: set data.image_size={trained}"
+            )
         self.model = FeatureSource(self.method, cfg.features.source)
         self.train_set, self.val_set = eval_datasets(cfg)
         self.num_classes = len(self.train_set.classes)

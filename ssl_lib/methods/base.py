@@ -101,7 +101,7 @@ class SSLMethod(pl.LightningModule):
             cfg = build_run_config(self.config_class, [("config dict", OmegaConf.create(config))])
         self.cfg = cfg
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
-        self.backbone = build_backbone(cfg.model.backbone)
+        self.backbone = build_backbone(cfg.model.backbone, image_size=cfg.data.image_size)
         proj_cfg = cfg.model.projector
         self.projector = self.build_projector(proj_cfg)
         self.embed_dim = proj_cfg.out_dim if proj_cfg else self.backbone.feat_dim

@@ -7,6 +7,11 @@ bank's exact search and ``q`` is pulled towards them: ``mean(2 - 2 cos(q, bank[i
 (:func:`ssl_lib.methods.losses.regression_loss`). With k = 1 this is BYOL-asym. Only the
 gathered B x k x D neighbours enter the loss: no B x K matrix is built for the online branch
 and the bank is never cloned.
+
+With ``icutmix`` set, views[0] is mixed by i-CutMix (:mod:`ssl_lib.methods.icutmix`) and the
+loss is ``lam * loss(own neighbours) + (1 - lam) * loss(partner's neighbours)``: the
+neighbours come from the unmixed target view, and the regression loss is linear in its
+targets, so the mixture is well defined.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from torch import Tensor
 
 from ssl_lib.memory import MemoryBank
 from ssl_lib.methods.base import BankMethodConfig, SSLMethod
+from ssl_lib.methods.icutmix import ICutMixConfig, icutmix
 from ssl_lib.methods.losses import neighbour_purity, regression_loss
 from ssl_lib.methods.registry import METHODS
 from ssl_lib.schema import require
@@ -25,11 +31,13 @@ from ssl_lib.schema import require
 
 @dataclass
 class MSFConfig(BankMethodConfig):
-    """MSF: ``k`` nearest neighbours in a bank of ``bank_size`` target embeddings."""
+    """MSF: ``k`` nearest neighbours in a bank of ``bank_size`` target embeddings;
+    ``icutmix``: ``{alpha: ...}`` mixes the online view by i-CutMix (``null``: off)."""
 
     name: str = "msf"
     k: int = 5
     bank_size: int = 1024000
+    icutmix: ICutMixConfig | None = None
 
     def check(self) -> None:
         super().check()
@@ -58,9 +66,18 @@ class MSF(SSLMethod):
         return [(self.bank, self.cfg.method.k)]
 
     def compute_loss(self, views: list[Tensor], labels: Tensor, index: Tensor):
-        q = self.predictor(self.project(views[0]))
+        mix = self.cfg.method.icutmix
+        online = views[0]
+        if mix is not None:
+            online, partner, lam = icutmix(online, mix.alpha)
+        q = self.predictor(self.project(online))
         u = F.normalize(self.target_project(views[1]).float(), dim=1)
         self.bank.enqueue(u, labels=labels)
         _, idx = self.bank.knn(u, self.cfg.method.k)
-        loss = regression_loss(q, self.bank.gather(idx))
+        neighbours = self.bank.gather(idx)
+        if mix is None:
+            loss = regression_loss(q, neighbours)
+        else:
+            loss = lam * regression_loss(q, neighbours)
+            loss = loss + (1 - lam) * regression_loss(q, neighbours[partner])
         return loss, neighbour_purity(self.bank, idx, labels)

@@ -1,0 +1,1 @@
+"""Interpretation maps of vision models (attention rollout of vision transformers)."""
