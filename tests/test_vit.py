@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import teacher_override, tiny_config, write_tiny_teacher
 from test_methods_ddp import CASES, META_KEYS
 
 from ssl_lib.config import ConfigError, config_from_dict
@@ -17,20 +17,24 @@ pytest.importorskip("timm")
 VIT = {"backbone": "vit_micro_p8"}
 
 
-def vit_config(case: str):
+def vit_config(case: str, teacher_dir=None):
+    """A ViT student; the distillation cases keep their tiny_cnn teacher (in ``teacher_dir``)."""
     entry = CASES[case]
     sections = {k: v for k, v in entry.items() if k not in META_KEYS}
     sections["model"] = {**sections.get("model", {}), **VIT}
-    return config_from_dict(tiny_config(entry.get("name", case), **sections))
+    teacher = []
+    if entry.get("teacher"):
+        teacher = [teacher_override(write_tiny_teacher(teacher_dir / "teacher.pt"))]
+    return config_from_dict(tiny_config(entry.get("name", case), **sections), teacher)
 
 
 STAGED = {"blockwise_barlow_twins", "blockwise_sequential"}  # need a backbone with stages
 
 
 @pytest.mark.parametrize("case", sorted(set(CASES) - STAGED))
-def test_every_method_trains_one_step_with_a_vit(case: str):
+def test_every_method_trains_one_step_with_a_vit(case: str, tmp_path):
     torch.manual_seed(0)
-    model = build_method(vit_config(case))
+    model = build_method(vit_config(case, tmp_path))
     views = [torch.randn(16, 3, 32, 32), torch.randn(16, 3, 32, 32)]
     labels = torch.arange(16) % 4
     before = model.backbone.cls_token.detach().clone()
