@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_lib.backdoor.metrics import attack_success_rate, confusion_matrix
 from ssl_lib.data import image_folder
 from ssl_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ssl_lib.interpret.blocking import (
-    attack_success_rate,
     block_at_peaks,
     block_squares,
     scaled_block_size,
@@ -130,7 +130,8 @@ def main() -> None:
         ):
             pred = torch.cat(preds)
             acc = 100.0 * (pred == test_y).float().mean().item()
-            asr = attack_success_rate(pred, test_y, args.target)
+            conf = confusion_matrix(test_y.numpy(), pred.numpy(), 10)
+            asr = attack_success_rate(conf, args.target)
             rows.append((name, label, acc, asr))
 
     print(

@@ -111,6 +111,14 @@ def test_metrics_against_a_hand_computed_confusion_matrix():
         confusion_matrix(np.array([0, 3]), np.array([0, 1]), 3)
 
 
+def test_asr_of_predictions_leaves_out_target_images():
+    # ssl-lib defend block scores its predictions through the confusion matrix
+    labels, predictions = np.array([0, 1, 2, 2, 3]), np.array([2, 2, 2, 0, 1])
+    conf = confusion_matrix(labels, predictions, 4)  # target 2: 2 of the 3 non-target images
+    assert attack_success_rate(conf, 2) == pytest.approx(200 / 3)
+    assert np.isnan(attack_success_rate(confusion_matrix(np.full(5, 2), predictions, 4), 2))
+
+
 # ------------------------------------------------------------------ poison make
 @pytest.mark.parametrize("opacity", [1.0, 0.6])
 def test_trigger_is_pixel_exact_inside_each_box_and_nowhere_else(data, tmp_path, opacity):

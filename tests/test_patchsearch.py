@@ -8,19 +8,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
+from ssl_lib.backdoor.config import load_poison_config
+from ssl_lib.backdoor.make import TRAIN_LIST, make_poison
+from ssl_lib.backdoor.manifest import load_manifest
 from ssl_lib.cli import main
 from ssl_lib.config import ConfigError, config_from_dict
 from ssl_lib.data.datasets import DataError
 from ssl_lib.defend.gradcam import PseudoClassifier, cam_layer, grad_cam, salient_window
-from ssl_lib.defend.manifest import poison_labels
 from ssl_lib.defend.patchsearch import (
     detection_metrics,
     iterative_search,
+    open_data,
     paste,
     poison_scores,
+    poison_truth,
     predict,
     prune_count,
 )
@@ -201,37 +206,38 @@ def save_checkpoint(path, data: dict) -> None:
 
 @pytest.fixture
 def poisoned_folder(tmp_path, cifar10_root):
-    """40 CIFAR-10 images in 2 classes, 8 of them with a 10 px trigger, and their manifest."""
+    """40 CIFAR-10 images in 2 classes; ``ssl-lib poison make`` puts a 10 px trigger on 8 of
+    the 20 ships. Returns the clean folder and the poison output folder."""
     root = tmp_path / "data"
-    rng = np.random.default_rng(0)
-    trigger = rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)
-    records = []
     for cls in ("cat", "ship"):
         (root / cls).mkdir(parents=True)
         for i in range(20):
-            img = np.asarray(
-                Image.open(cifar10_root / "train" / cls / f"{i:04d}.jpg").convert("RGB")
-            )
-            poisoned = cls == "ship" and i < 8
-            box = None
-            if poisoned:
-                x, y = (int(v) for v in rng.integers(8, 14, 2))
-                img = img.copy()
-                img[y : y + 10, x : x + 10] = trigger
-                box = [x, y, 10, 10]
-            path = root / cls / f"{i:04d}.png"
-            Image.fromarray(img).save(path)
-            records.append(
-                {
-                    "path": f"{cls}/{i:04d}.png",
-                    "label": int(cls == "ship"),
-                    "poisoned": poisoned,
-                    "box": box,
-                }
-            )
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"train": records}))
-    return root, manifest
+            image = Image.open(cifar10_root / "train" / cls / f"{i:04d}.jpg").convert("RGB")
+            image.save(root / cls / f"{i:04d}.png")
+    cfg = load_poison_config(
+        "poison/cifar10_targeted",
+        [
+            f"data.train_root={root}",
+            "data.val_root=null",
+            "poison.trigger.width=10",
+            "poison.target=ship",
+            "poison.rate=0.4",
+            f"output={tmp_path / 'poisoned'}",
+        ],
+    )
+    out, manifest = make_poison(cfg, progress=False)
+    assert manifest["attack"]["rate"]["num_poisoned"] == 8
+    return root, out
+
+
+def poisoned_list(root, out) -> dict:
+    """The data section of a model trained on the poisoned list of ``poison make``."""
+    return {
+        "dataset": "file_list",
+        "root": str(root),
+        "file_list": str(out / TRAIN_LIST),
+        "image_size": 32,
+    }
 
 
 SEARCH = [
@@ -253,12 +259,12 @@ FILTER = [
 
 
 def test_patchsearch_and_filter_commands_on_a_planted_set(tmp_path, poisoned_folder, capsys):
-    root, manifest = poisoned_folder
+    root, poisoned = poisoned_folder
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    save_checkpoint(ckpt, {"dataset": "image_folder", "root": str(root), "image_size": 32})
+    save_checkpoint(ckpt, poisoned_list(root, poisoned))
     recipe = "defend/cifar10_patchsearch"
     assert (
-        run_main("defend", "patchsearch", str(ckpt), recipe, f"manifest={manifest}", *SEARCH) == 0
+        run_main("defend", "patchsearch", str(ckpt), recipe, f"manifest={poisoned}", *SEARCH) == 0
     )
     out = tmp_path / "run" / "defend" / "patchsearch_last"
     assert f"results:      {out}" in capsys.readouterr().out
@@ -269,8 +275,14 @@ def test_patchsearch_and_filter_commands_on_a_planted_set(tmp_path, poisoned_fol
     assert len(lines) == 40 and float(lines[0].split()[1]) == np.nanmax(scores)
     assert np.load(out / "top_patches.npy").shape == (10, 9, 9, 3)  # 60 px at 224 -> 9 px at 32
     assert Image.open(out / "top_patches.png").size[0] > 9
-    truth = {r["path"]: r["poisoned"] for r in json.loads(manifest.read_text())["train"]}
-    ranked = [truth[str(Path(line.split()[0]).relative_to(root))] for line in lines]
+    records = {r.path: r for r in load_manifest(poisoned).train}  # absolute paths
+    assert sum(r.poisoned for r in records.values()) == 8
+
+    def record_of(line: str):
+        path = Path(line.split()[0])
+        return records[str(path if path.is_absolute() else root / path)]
+
+    ranked = [record_of(line).poisoned for line in lines]
     assert record["metrics"]["precision@5"] == pytest.approx(sum(ranked[:5]) / 5)
     assert record["metrics"]["recall@20"] == pytest.approx(sum(ranked[:20]) / 8)
 
@@ -279,23 +291,28 @@ def test_patchsearch_and_filter_commands_on_a_planted_set(tmp_path, poisoned_fol
     removed = (out / "filter" / "removed.txt").read_text().splitlines()
     assert len(kept) + len(removed) == 40
     assert {line.split()[0] for line in kept}.isdisjoint(line.split()[0] for line in removed)
-    assert all(line.split()[1] == str(int(line.startswith("ship"))) for line in kept + removed)
+    assert all(int(line.split()[1]) == record_of(line).label for line in kept + removed)
     metrics = json.loads((out / "filter" / "filter.json").read_text())["metrics"]
-    found = sum(truth[line.split()[0]] for line in removed)
+    found = sum(record_of(line).poisoned for line in removed)
     assert metrics["recall"] == pytest.approx(found / 8)
     assert metrics["precision"] == (pytest.approx(found / len(removed)) if removed else None)
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, poisoned_folder, capsys):
-    root, _ = poisoned_folder
+    root, poisoned = poisoned_folder
     synthetic = tmp_path / "synth" / "checkpoints" / "last.ckpt"
     save_checkpoint(synthetic, {"dataset": "synthetic", "image_size": 32})
     folder = tmp_path / "folder" / "checkpoints" / "last.ckpt"
     save_checkpoint(folder, {"dataset": "image_folder", "root": str(root), "image_size": 32})
+    on_the_fly = tmp_path / "fly" / "checkpoints" / "last.ckpt"
+    data = {"dataset": "image_folder", "root": str(root), "image_size": 32}
+    save_checkpoint(on_the_fly, {**data, "poison": {"target": "ship"}})
     cases = [
         (synthetic, [], "was trained on data.dataset=synthetic, which has no image files"),
         (folder, ["data.image_size=224"], "data.image_size=224, but checkpoint"),
         (folder, ["patchsearch.window=300"], "gives a 43-px window, larger than the 32-px images"),
+        (folder, [f"manifest={poisoned}", *SEARCH], "is the clean original of a poisoned image"),
+        (on_the_fly, [], "was trained on images poisoned on the fly (data.poison)"),
     ]
     for ckpt, extra, message in cases:
         code = run_main("defend", "patchsearch", str(ckpt), "defend/patchsearch", *extra)
@@ -304,15 +321,22 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, poisoned_folder, cap
         assert not (ckpt.parent.parent / "defend").exists()
 
 
-def test_manifest_matches_paths_and_names_what_is_missing(tmp_path):
-    manifest = tmp_path / "m.json"
-    records = [{"path": "a/1.png", "label": 0, "poisoned": True, "box": [1, 2, 3, 3]}]
-    records.append({"path": str(tmp_path / "a" / "2.png"), "label": 0, "poisoned": False})
-    manifest.write_text(json.dumps({"train": records}))
-    paths = [str(tmp_path / "a" / "2.png"), str(tmp_path / "a" / "1.png")]
-    assert poison_labels(paths, str(manifest), str(tmp_path)).tolist() == [False, True]
-    with pytest.raises(DataError, match="has no record for image '.*3.png'"):
-        poison_labels([str(tmp_path / "a" / "3.png")], str(manifest), str(tmp_path))
-    manifest.write_text(json.dumps({"val": []}))
-    with pytest.raises(DataError, match="is not a JSON object with a 'train' list"):
-        poison_labels(paths, str(manifest), str(tmp_path))
+def test_ground_truth_comes_from_the_poison_manifest(tmp_path, poisoned_folder):
+    root, poisoned = poisoned_folder
+    cfg = OmegaConf.create({"max_image_pixels": None})
+    data = open_data("file_list", str(root), str(poisoned / TRAIN_LIST), 32, cfg)
+    truth = poison_truth(data, str(poisoned))
+    expected = [r.poisoned for r in load_manifest(poisoned).train]  # the list's order
+    assert truth.tolist() == expected and int(truth.sum()) == 8
+    assert poison_truth(data, str(poisoned / "manifest.json")).tolist() == expected
+    with pytest.raises(DataError, match="poison manifest '.*nowhere.*' does not exist"):
+        poison_truth(data, str(tmp_path / "nowhere"))
+    odd = tmp_path / "odd"
+    for cls in ("cat", "dog"):
+        (odd / cls).mkdir(parents=True)
+    with pytest.raises(DataError, match="does not match the train folder .* class folders differ"):
+        poison_truth(open_data("file_list", str(odd), data.file_list, 32, cfg), str(poisoned))
+    (root / "cat" / "extra.png").write_bytes((root / "cat" / "0000.png").read_bytes())
+    whole = open_data("image_folder", str(root), None, 32, cfg)
+    with pytest.raises(DataError, match="no record for image '.*extra.png'.*other images"):
+        poison_truth(whole, str(poisoned))

@@ -9,7 +9,6 @@ import torchvision
 from torch import nn
 
 from ssl_lib.interpret.blocking import (
-    attack_success_rate,
     block_at_peaks,
     block_squares,
     box_filter,
@@ -191,10 +190,3 @@ def test_block_at_peaks_blocks_the_attended_square():
         assert torch.allclose(before, clf(images), atol=1e-5)
     with pytest.raises(ValueError, match="block size 40 px does not fit"):
         block_at_peaks(clf, vit, images, block_size=40, filter_size=5)
-
-
-def test_attack_success_rate_leaves_out_target_images():
-    labels = torch.tensor([0, 1, 2, 2, 3])
-    predictions = torch.tensor([2, 2, 2, 0, 1])  # target 2: 2 of the 3 non-target images
-    assert attack_success_rate(predictions, labels, 2) == pytest.approx(200 / 3)
-    assert attack_success_rate(predictions, torch.full((5,), 2), 2) is None

@@ -13,6 +13,8 @@ import csv
 import hashlib
 import io
 import json
+import pickle
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ from ssl_lib.backdoor.metrics import (
     false_positives,
     true_positives,
 )
+from ssl_lib.checkpoints import CheckpointError
 from ssl_lib.config import ConfigError
 from ssl_lib.data import VIEWS, IndexedDataset
 from ssl_lib.data.datasets import DataError, ImageList
@@ -44,8 +47,13 @@ from ssl_lib.report import _figure
 PROBE_FILE = "linear_probe.pt"
 
 
-def _check_inputs(cfg: DictConfig, manifest: Manifest, classes: list[str]) -> None:
-    """The manifest must belong to the evaluation's data (one-line errors, nothing written)."""
+def check_manifest(cfg: DictConfig, manifest: Manifest, classes: list[str]) -> None:
+    """Check that ``manifest`` belongs to an evaluation recipe's data: the same classes as the
+    train set, patched validation images that exist at ``data.image_size``, and (image
+    folders) ``data.val_root`` the folder they were made from.
+
+    Raises :class:`DataError` / :class:`ConfigError` (one line), before anything is written.
+    """
     if classes != manifest.classes:
         raise DataError(
             f"the poison manifest '{manifest.folder}' does not match the evaluation data: its "
@@ -123,29 +131,74 @@ def _linear_predictions(ev: Evaluation, train, val, patched, folder: Path) -> tu
         results, probe = fit_linear_augmented(
             ev.model, loader, train[0], val, ev.num_classes, lin, ev.device, progress
         )
-    probe_state = {
-        "state_dict": {k: v.cpu() for k, v in probe.state_dict().items()},
-        "dim": int(train[0].shape[1]),
-        "num_classes": ev.num_classes,
-        "standardize": probe.standardize,
-        "feature_source": ev.cfg.features.source,
-        "checkpoint": str(ev.checkpoint.resolve()),
-    }
-    atomic_write(folder / PROBE_FILE, lambda f: torch.save(probe_state, f))
+    save_probe(
+        folder / PROBE_FILE, probe, ev.train_set.classes, ev.cfg.features.source, ev.checkpoint
+    )
     preds = {"linear": (_argmax(probe, val[0]), _argmax(probe, patched[0]))}
     return preds, {"protocol": lin.protocol, "lr": results.get("lr", lin.lr)}
 
 
-def load_probe(path: str | Path) -> LinearProbe:
-    """The linear probe ``ssl-lib eval backdoor`` saved (``linear_probe.pt``), in eval mode.
+def save_probe(
+    path: Path,
+    probe: LinearProbe,
+    classes: Sequence[str],
+    feature_source: str,
+    checkpoint: Path,
+) -> None:
+    """Write ``probe`` in the probe file format :func:`load_probe` reads (``ssl-lib eval
+    backdoor`` and ``ssl-lib defend block`` both use it): the weights and standardisation
+    buffers, ``dim``, ``num_classes``, ``standardize``, the class names, the features it reads
+    (``feature_source``) and the checkpoint whose features it was trained on."""
+    state = {
+        "state_dict": {k: v.cpu() for k, v in probe.state_dict().items()},
+        "dim": probe.fc.in_features,
+        "num_classes": probe.fc.out_features,
+        "standardize": probe.standardize,
+        "classes": list(classes),
+        "feature_source": feature_source,
+        "checkpoint": str(Path(checkpoint).resolve()),
+    }
+    atomic_write(path, lambda f: torch.save(state, f))
 
-    Its input is the checkpoint's ``feature_source`` features (stored beside the weights).
+
+def load_probe(
+    path: str | Path, classes: Sequence[str] | None = None, feature_source: str | None = None
+) -> LinearProbe:
+    """The linear probe of a probe file (:func:`save_probe`), in eval mode.
+
+    ``path``: the file, or a folder holding ``linear_probe.pt`` (an ``ssl-lib eval backdoor``
+    output folder). Its input is ``feature_source`` features of its checkpoint, ``(N, dim)``.
+    Raises :class:`CheckpointError` (one line) for a missing or unreadable file, one that is
+    not a probe file, or, when ``classes`` / ``feature_source`` are given, a probe trained on
+    other classes or other features.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    dim, num_classes = state["dim"], state["num_classes"]
-    stats = (torch.zeros(dim), torch.ones(dim)) if state["standardize"] else None
-    probe = LinearProbe(dim, num_classes, stats)
-    probe.load_state_dict(state["state_dict"])
+    file = Path(path)
+    if file.is_dir():
+        file = file / PROBE_FILE
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        dim, num_classes = state["dim"], state["num_classes"]
+        stats = (torch.zeros(dim), torch.ones(dim)) if state["standardize"] else None
+        probe = LinearProbe(dim, num_classes, stats)
+        probe.load_state_dict(state["state_dict"])
+    except FileNotFoundError:
+        raise CheckpointError(f"probe file '{file}' does not exist") from None
+    except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"'{file}' is not a probe file written by ssl-lib eval backdoor or defend block "
+            f"({first})"
+        ) from None
+    if classes is not None and state.get("classes") != list(classes):
+        raise CheckpointError(
+            f"probe file '{file}' was trained on other classes than the evaluation data's "
+            f"({len(state.get('classes') or [])} vs {len(classes)})"
+        )
+    if feature_source is not None and state.get("feature_source") != feature_source:
+        raise CheckpointError(
+            f"probe file '{file}' reads features.source={state.get('feature_source')}, this "
+            f"needs {feature_source}"
+        )
     return probe.eval()
 
 
@@ -241,7 +294,7 @@ def run_backdoor(checkpoint: str | Path, cfg: DictConfig) -> tuple[dict, Path]:
         raise ConfigError("backdoor.manifest must name the output folder of ssl-lib poison make")
     manifest = load_manifest(cfg.backdoor.manifest)
     ev = Evaluation(checkpoint, cfg)
-    _check_inputs(cfg, manifest, list(ev.train_set.classes))
+    check_manifest(cfg, manifest, list(ev.train_set.classes))
     if cfg.backdoor.probe == "knn" and max(cfg.knn.ks) > len(ev.train_set):
         raise ConfigError(
             f"knn.ks: k={max(cfg.knn.ks)} is larger than the bank ({len(ev.train_set)} train "

@@ -147,9 +147,10 @@ class FilterConfig(Section):
 class DefendConfig(Section):
     """A defence recipe.
 
-    ``manifest``: a poison manifest JSON giving the ground truth (``null``: none; the
-    metrics are then left out). ``output``: the results folder (``null`` =
-    ``<run folder>/defend/patchsearch_<checkpoint>``; a numbered name if it exists).
+    ``manifest``: the ground truth, the output folder of ``ssl-lib poison make`` or its
+    ``manifest.json`` (``null``: none; the metrics are then left out). ``output``: the
+    results folder (``null`` = ``<run folder>/defend/patchsearch_<checkpoint>``; a numbered
+    name if it exists).
     """
 
     data: DefendDataConfig = field(default_factory=DefendDataConfig)

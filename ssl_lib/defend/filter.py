@@ -23,13 +23,13 @@ from ssl_lib import console
 from ssl_lib.config import ConfigError
 from ssl_lib.data.datasets import DataError
 from ssl_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ssl_lib.defend.manifest import poison_labels
 from ssl_lib.defend.patchsearch import (
     RECORD,
     SearchData,
     image_loader,
     load_images,
     open_data,
+    poison_truth,
     ranking,
     scaled,
 )
@@ -194,7 +194,7 @@ def run_filter(search_dir: str | Path, cfg: DictConfig) -> tuple[dict, Path]:
             f"scored {len(scored)}; lower filter.val_size"
         )
     manifest = cfg.manifest or record.get("manifest")
-    poisoned = poison_labels(data.paths, manifest, data.root) if manifest else None
+    poisoned = poison_truth(data, manifest) if manifest else None
     positives, negatives = scored[: f.val_size], scored[-f.val_size :]
     excluded = set(order[: int(f.top_p * len(order))]) | set(negatives)
     pool = [i for i in range(len(order)) if i not in excluded]

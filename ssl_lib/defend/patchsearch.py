@@ -35,9 +35,11 @@ from torchmetrics.functional.classification import binary_auroc
 from torchvision.utils import make_grid
 
 from ssl_lib import console
+from ssl_lib.backdoor.make import TRAIN_LIST
+from ssl_lib.backdoor.manifest import MANIFEST_NAME, check_data, load_manifest
 from ssl_lib.config import ConfigError
 from ssl_lib.data import VIEWS, IndexedDataset, file_list, image_folder
-from ssl_lib.data.datasets import ImageList
+from ssl_lib.data.datasets import DataError, ImageList
 from ssl_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ssl_lib.defend.gradcam import (
     PseudoClassifier,
@@ -46,7 +48,6 @@ from ssl_lib.defend.gradcam import (
     grad_cam,
     salient_window,
 )
-from ssl_lib.defend.manifest import poison_labels
 from ssl_lib.eval.features import extract_features
 from ssl_lib.eval.runner import load_checkpoint_model, resolve_device
 from ssl_lib.files import atomic_write, atomic_write_text, run_folder_of, unused_path
@@ -267,6 +268,42 @@ def open_data(kind: str, root: str, list_file: str | None, image_size: int, cfg)
     return SearchData(ds, kind, root, list_file, image_size)
 
 
+def poison_truth(data: SearchData, manifest: str) -> Tensor:
+    """Bool ``(N,)``: which images of ``data`` the poison manifest marks as poisoned.
+
+    ``manifest``: the folder ``ssl-lib poison make`` wrote or its ``manifest.json``
+    (:func:`ssl_lib.backdoor.manifest.load_manifest`). Images are matched to the manifest's
+    training records by resolved path (poisoned ones at their copies). Raises ``DataError``
+    (one line) when the manifest cannot be read, when ``data.root`` is not the data folder it
+    was made from (:func:`~ssl_lib.backdoor.manifest.check_data`), or for the first image it
+    has no record of.
+    """
+    m = load_manifest(manifest)
+    if data.root is not None:
+        check_data(m, data.root, "train")
+    truth = {str(Path(r.path).resolve()): r.poisoned for r in m.train}
+    originals = {
+        str((Path(m.data["roots"]["train"]) / r.source).resolve()) for r in m.train if r.poisoned
+    }
+    labels = []
+    for path in data.paths:
+        key = str(Path(path).resolve())
+        if key not in truth:
+            file = m.folder / MANIFEST_NAME
+            hint = (
+                f"it is the clean original of a poisoned image; search the poisoned training "
+                f"list instead (data.dataset=file_list data.file_list={m.folder / TRAIN_LIST})"
+                if key in originals
+                else "the manifest was made from other images"
+            )
+            raise DataError(
+                f"the poison manifest '{file}' does not match the training data: it has no "
+                f"record for image '{path}' ({hint})"
+            )
+        labels.append(truth[key])
+    return torch.tensor(labels, dtype=torch.bool)
+
+
 def resolve_data(cfg: DictConfig, trained: DictConfig, checkpoint: Path) -> SearchData:
     """The defence's images: the recipe's ``data``, or else the checkpoint's training data.
 
@@ -282,6 +319,13 @@ def resolve_data(cfg: DictConfig, trained: DictConfig, checkpoint: Path) -> Sear
             f"{d.image_size} px images"
         )
     if d.dataset is None:
+        if trained.get("poison") is not None:
+            raise ConfigError(
+                f"checkpoint '{checkpoint}' was trained on images poisoned on the fly "
+                "(data.poison), which have no files to search: write them with ssl-lib poison "
+                "make and set data.dataset=file_list, data.root and data.file_list (its "
+                f"{TRAIN_LIST})"
+            )
         if trained.dataset not in ("image_folder", "file_list") or trained.root is None:
             raise ConfigError(
                 f"checkpoint '{checkpoint}' was trained on data.dataset={trained.dataset}, which "
@@ -347,7 +391,7 @@ def prepare(checkpoint: str | Path, cfg: DictConfig) -> Search:
         raise ConfigError(f"patchsearch.test_images={tests} exceeds the {n} images")
     with cam_layer(method.backbone, data.image_size):
         pass  # refuses an unknown backbone or a ViT whose patch does not divide the image
-    poisoned = poison_labels(data.paths, cfg.manifest, data.root) if cfg.manifest else None
+    poisoned = poison_truth(data, cfg.manifest) if cfg.manifest else None
     device = resolve_device(p.device)
     return Search(checkpoint, cfg, method.backbone, data, window, poisoned, device)
 

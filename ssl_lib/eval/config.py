@@ -193,11 +193,15 @@ class BackdoorEvalConfig(Section):
 class BlockDefenceConfig(Section):
     """Test-time patch blocking (``ssl-lib defend block``; ``ssl_lib.eval.blocking``).
 
-    ``patched_root``: trigger-pasted val images in class folders (true labels, the same class
-    folders as the train set), already at ``data.image_size`` (used without resize or crop).
-    ``target_class``: the attack's target class folder. ``probe``: a probe file written by an
-    earlier run (``null``: a cached-feature probe is trained on ``data.train_root`` with the
-    ``linear`` settings and saved). ``block_size`` / ``filter_size``: side (px) of the blocked
+    ``manifest``: the output folder of ``ssl-lib poison make`` (or its ``manifest.json``):
+    its patched val images, their labels and its target. Or else ``patched_root``:
+    trigger-pasted val images in class folders (true labels, the same class folders as the
+    train set), already at ``data.image_size`` (used without resize or crop), with
+    ``target_class``, the attack's target class folder (with a manifest only for an
+    untargeted one). ``probe``: a probe file (or the ``ssl-lib eval backdoor`` folder holding
+    ``linear_probe.pt``) of the same checkpoint's backbone features (``null``: a
+    cached-feature probe is trained on ``data.train_root`` with the ``linear`` settings and
+    saved). ``block_size`` / ``filter_size``: side (px) of the blocked
     square and of the box filter (``null``: 30 and 31 at 224 px, scaled with the image size).
     ``rollout``: ``gradient`` (attention-gradient rollout) or ``plain``; ``discard_ratio``:
     share of the lowest attention entries zeroed per block; ``column_quirk``: the column-wise
@@ -206,6 +210,7 @@ class BlockDefenceConfig(Section):
 
     CHOICES: ClassVar[dict[str, Sequence[str]]] = {"rollout": ("gradient", "plain")}
 
+    manifest: str | None = None
     patched_root: str | None = None
     target_class: str | None = None
     probe: str | None = None

@@ -22,7 +22,6 @@ from ssl_lib.interpret.rollout import rollout_maps
 __all__ = [
     "BLOCK_AT_224",
     "FILTER_AT_224",
-    "attack_success_rate",
     "block_at_peaks",
     "block_squares",
     "box_filter",
@@ -134,17 +133,3 @@ def block_at_peaks(
         after = classifier(block_squares(images, boxes))
     classifier.train(was_training)
     return before, after, boxes
-
-
-def attack_success_rate(predictions: Tensor, labels: Tensor, target: int) -> float | None:
-    """Share (%) of the images whose true label is not ``target`` that are predicted as it.
-
-    On trigger-pasted images this is the attack success rate: the false positives of the target
-    class (the count that Saha et al., "Backdoor Attacks on Self-Supervised Learning", CVPR 2022,
-    report) divided by the number of non-target images; target-class images are left out, since
-    predicting their own class is no success. ``None`` without such images.
-    """
-    others = labels != target
-    if not bool(others.any()):
-        return None
-    return 100.0 * (predictions[others] == target).double().mean().item()
