@@ -152,12 +152,13 @@ def train_classifier(
 
 def file_list_lines(data: SearchData, indices: list[int]) -> str:
     """``path label`` lines (ssl_lib's file-list format): paths under the data root relative
-    to it, others absolute."""
-    root = Path(data.root).resolve()
+    to it, others absolute. Symbolic links are kept, not resolved: a folder of links to the
+    images stays the root of its lines."""
+    root = Path(data.root).absolute()
     lines = []
     for i in indices:
         path, label = data.dataset.samples[i]
-        p = Path(path).resolve()
+        p = Path(path).absolute()
         lines.append(f"{p.relative_to(root) if p.is_relative_to(root) else p} {label}")
     return "".join(f"{line}\n" for line in lines)
 
