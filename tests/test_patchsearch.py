@@ -18,6 +18,7 @@ from ssl_lib.backdoor.manifest import load_manifest
 from ssl_lib.cli import main
 from ssl_lib.config import ConfigError, config_from_dict
 from ssl_lib.data.datasets import DataError
+from ssl_lib.defend.filter import file_list_lines
 from ssl_lib.defend.gradcam import PseudoClassifier, cam_layer, grad_cam, salient_window
 from ssl_lib.defend.patchsearch import (
     detection_metrics,
@@ -340,3 +341,13 @@ def test_ground_truth_comes_from_the_poison_manifest(tmp_path, poisoned_folder):
     whole = open_data("image_folder", str(root), None, 32, cfg)
     with pytest.raises(DataError, match="no record for image '.*extra.png'.*other images"):
         poison_truth(whole, str(poisoned))
+
+
+def test_filter_lists_keep_paths_under_a_linked_data_root(tmp_path):
+    (tmp_path / "real").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "real" / "a.png")
+    (tmp_path / "links" / "cat").mkdir(parents=True)
+    (tmp_path / "links" / "cat" / "a.png").symlink_to(tmp_path / "real" / "a.png")
+    cfg = OmegaConf.create({"max_image_pixels": None})
+    data = open_data("image_folder", str(tmp_path / "links"), None, 8, cfg)
+    assert file_list_lines(data, [0]) == "cat/a.png 0\n"  # not the link's target

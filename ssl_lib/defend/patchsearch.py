@@ -481,7 +481,8 @@ def write_results(
         "command": "defend patchsearch",
         "checkpoint": str(s.checkpoint.resolve()),
         "data": data.describe(),
-        "manifest": cfg.manifest,
+        # absolute, so that ssl-lib defend filter finds it from any working directory
+        "manifest": cfg.manifest and str(Path(cfg.manifest).resolve()),
         "num_images": len(paths),
         "num_clusters": int(assign.max()) + 1,
         "num_scored": int((~scores.isnan()).sum()),
