@@ -13,6 +13,7 @@ from PIL import Image
 from torch import nn
 
 from ssl_lib.backdoor.config import load_poison_config
+from ssl_lib.backdoor.evaluate import load_probe
 from ssl_lib.backdoor.make import TRAIN_LIST, make_poison
 from ssl_lib.backdoor.manifest import load_manifest
 from ssl_lib.cli import main
@@ -207,19 +208,21 @@ def save_checkpoint(path, data: dict) -> None:
 
 @pytest.fixture
 def poisoned_folder(tmp_path, cifar10_root):
-    """40 CIFAR-10 images in 2 classes; ``ssl-lib poison make`` puts a 10 px trigger on 8 of
-    the 20 ships. Returns the clean folder and the poison output folder."""
+    """40 CIFAR-10 training images in 2 classes; ``ssl-lib poison make`` puts a 10 px trigger
+    on 8 of the 20 ships and on 8 test images. Returns the clean training folder and the
+    poison output folder (the test images are in ``val`` beside ``data``)."""
     root = tmp_path / "data"
-    for cls in ("cat", "ship"):
-        (root / cls).mkdir(parents=True)
-        for i in range(20):
-            image = Image.open(cifar10_root / "train" / cls / f"{i:04d}.jpg").convert("RGB")
-            image.save(root / cls / f"{i:04d}.png")
+    for split, folder, count in (("train", root, 20), ("test", tmp_path / "val", 4)):
+        for cls in ("cat", "ship"):
+            (folder / cls).mkdir(parents=True)
+            for i in range(count):
+                image = Image.open(cifar10_root / split / cls / f"{i:04d}.jpg").convert("RGB")
+                image.save(folder / cls / f"{i:04d}.png")
     cfg = load_poison_config(
         "poison/cifar10_targeted",
         [
             f"data.train_root={root}",
-            "data.val_root=null",
+            f"data.val_root={tmp_path / 'val'}",
             "poison.trigger.width=10",
             "poison.target=ship",
             "poison.rate=0.4",
@@ -337,6 +340,11 @@ def test_ground_truth_comes_from_the_poison_manifest(tmp_path, poisoned_folder):
         (odd / cls).mkdir(parents=True)
     with pytest.raises(DataError, match="does not match the train folder .* class folders differ"):
         poison_truth(open_data("file_list", str(odd), data.file_list, 32, cfg), str(poisoned))
+    no_val = load_poison_config(
+        "poison/cifar10_targeted",
+        [f"data.train_root={root}", "data.val_root=null", f"output={tmp_path / 'no_val'}"],
+    )
+    assert load_manifest(make_poison(no_val, progress=False)[0]).val == []
     (root / "cat" / "extra.png").write_bytes((root / "cat" / "0000.png").read_bytes())
     whole = open_data("image_folder", str(root), None, 32, cfg)
     with pytest.raises(DataError, match="no record for image '.*extra.png'.*other images"):
@@ -351,3 +359,57 @@ def test_filter_lists_keep_paths_under_a_linked_data_root(tmp_path):
     cfg = OmegaConf.create({"max_image_pixels": None})
     data = open_data("image_folder", str(tmp_path / "links"), None, 8, cfg)
     assert file_list_lines(data, [0]) == "cat/a.png 0\n"  # not the link's target
+
+
+def test_chain_from_poison_make_to_a_filtered_list(tmp_path, poisoned_folder, capsys):
+    """poison make -> train on its list -> eval backdoor -> patchsearch -> filter, 40 images."""
+    root, poisoned = poisoned_folder
+    data = poisoned_list(root, poisoned)
+    train = [f"data.{k}={v}" for k, v in data.items()] + [
+        "data.batch_size=20",
+        "data.num_workers=0",
+        "trainer.max_steps=2",
+        "trainer.accelerator=cpu",
+        "monitor.knn_every_n_epochs=0",
+        "monitor.online_linear=false",
+        f"run.output_dir={tmp_path / 'runs'}",
+        "run.name=poisoned",
+        *TINY,
+    ]
+    assert run_main("--quiet", "train", "demo/byol", *train) == 0
+    ckpt = tmp_path / "runs" / "poisoned" / "checkpoints" / "last.ckpt"
+    evaluation = [
+        "eval/cifar10_linear_cached",
+        "data.dataset=image_folder",
+        f"data.train_root={root}",
+        f"data.val_root={tmp_path / 'val'}",
+        "data.num_workers=0",
+        "features.progress_bar=false",
+        f"backdoor.manifest={poisoned}",
+        "linear.epochs=2",
+        "linear.lr_grid=[0.1]",
+    ]
+    assert run_main("eval", "backdoor", str(ckpt), *evaluation) == 0
+    assert "ASR %" in capsys.readouterr().out
+    probe = tmp_path / "runs" / "poisoned" / "eval" / "backdoor_last"
+    assert load_probe(probe, ["cat", "ship"], "backbone").fc.out_features == 2
+    assert (
+        run_main(
+            "defend",
+            "patchsearch",
+            str(ckpt),
+            "defend/cifar10_patchsearch",
+            f"manifest={poisoned}",
+            *SEARCH,
+        )
+        == 0
+    )
+    search = tmp_path / "runs" / "poisoned" / "defend" / "patchsearch_last"
+    metrics = json.loads((search / "patchsearch.json").read_text())["metrics"]
+    assert metrics["num_poisoned"] == 8
+    assert run_main("defend", "filter", str(search), "defend/cifar10_patchsearch", *FILTER) == 0
+    filtered = search / "filter" / "filtered.txt"
+    retrain = [a for a in train if not a.startswith(("data.file_list", "run.name"))]
+    retrain += [f"data.file_list={filtered}", "run.name=filtered"]
+    assert run_main("--quiet", "train", "demo/byol", *retrain) == 0
+    assert (tmp_path / "runs" / "filtered" / "checkpoints" / "last.ckpt").is_file()

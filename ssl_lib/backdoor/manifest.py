@@ -56,10 +56,10 @@ class Manifest:
         return int(self.data["placement"]["val_image_size"])
 
     def _records(self, split: str) -> list[Record]:
-        root = Path(self.data["roots"][split])
+        root = self.data["roots"][split]  # None for a split that was not given
         return [
             Record(
-                path=str(self.folder / r["path"] if r["poisoned"] else root / r["path"]),
+                path=str(self.folder / r["path"] if r["poisoned"] else Path(root) / r["path"]),
                 source=r["source"],
                 label=int(r["label"]),
                 poisoned=bool(r["poisoned"]),
