@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ssl_lib.data.transforms import VIEWS
+from ssl_lib.data.transforms import AUGMENT_ON, VIEWS
 from ssl_lib.models.backbones import BACKBONES
 from ssl_lib.models.heads import MLPConfig
 
@@ -117,10 +117,14 @@ class DataConfig(Section):
     like the SimCLR ImageNet subsets) or as a seeded class-balanced fraction.
     ``max_image_pixels``: image files with more pixels are refused as unreadable (PIL's
     decompression-bomb guard; ``null``: no limit).
+    ``augment_on``: where the photometric part of the views runs: ``workers`` (per image in the
+    loader workers) or ``device`` (batched on the training device; the workers crop and flip);
+    see docs/data_pipeline.md.
     """
 
     CHOICES: ClassVar[dict[str, Sequence[str]]] = {
-        "dataset": ("synthetic", "image_folder", "file_list", "cifar10", "cifar100")
+        "dataset": ("synthetic", "image_folder", "file_list", "cifar10", "cifar100"),
+        "augment_on": AUGMENT_ON,
     }
 
     dataset: str = "synthetic"
@@ -138,6 +142,7 @@ class DataConfig(Section):
     labelled_subset: str | None = None
     labelled_fraction: float | None = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    augment_on: str = "workers"
 
     def check(self) -> None:
         super().check()

@@ -64,7 +64,7 @@ class SSLDataModule(pl.LightningDataModule):
         """The indexed, multi-view training set (built once)."""
         if self.train_set is None:
             base = subsample(build_base_dataset(self.cfg), self.cfg.max_samples, self.seed)
-            views = MultiView(self.cfg.views, self.cfg.image_size)
+            views = MultiView(self.cfg.views, self.cfg.image_size, self.cfg.augment_on)
             self.train_set = IndexedDataset(base, views, self.seed)
         return self.train_set
 

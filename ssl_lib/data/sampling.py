@@ -6,21 +6,19 @@ any batch and resumed continues exactly where it stopped, whatever ``data.num_wo
 * :class:`EpochSampler` draws the permutation of an epoch from ``(seed, epoch)`` and yields
   ``(epoch, index)`` keys; on resume it skips the batches the stopped run had consumed.
 * :class:`~ssl_lib.data.datasets.IndexedDataset` turns an ``(epoch, index)`` key into a seed for
-  each view with :func:`mix_seed` and runs that view's random transform under
-  :func:`seeded_rng`, so augmentations depend neither on worker processes nor on their RNGs.
+  each view with :func:`mix_seed`; the view draws all its random parameters from a
+  ``random.Random`` of that seed (:mod:`ssl_lib.data.augment`), so augmentations depend neither
+  on worker processes nor on any global RNG.
 * :class:`ResumableDataLoader` exposes the sampler position to Lightning, which stores it in
   checkpoints (``loops.fit_loop.state_dict.combined_loader``) and restores it mid-epoch.
 """
 
 from __future__ import annotations
 
-import random
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -43,27 +41,6 @@ def mix_seed(*parts: int) -> int:
     for part in parts:
         h = _splitmix64(h ^ (int(part) & _MASK64))
     return h >> 1
-
-
-@contextmanager
-def seeded_rng(seed: int) -> Iterator[None]:
-    """Run a block with torch (CPU), numpy and ``random`` seeded from ``seed``; restore after.
-
-    The caller's generators are left exactly as they were, so data loading in the training
-    process never shifts the random stream of training itself.
-    """
-    torch_state = torch.get_rng_state()
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    torch.manual_seed(seed)
-    np.random.seed(seed & 0xFFFFFFFF)
-    random.seed(seed)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(torch_state)
-        np.random.set_state(np_state)
-        random.setstate(py_state)
 
 
 class EpochSampler(Sampler[tuple[int, int]]):

@@ -4,123 +4,109 @@ ImageNet, 32 px for CIFAR).
 
 At 64 px and below Gaussian blur is disabled (it destroys 32 px images; the CIFAR recipes of
 the peer libraries do the same) and the evaluation transform does not resize.
+
+The random pipelines are :class:`ViewPipeline` objects over the
+:class:`~ssl_lib.data.augment.ViewSpec` of their name; ``data.augment_on`` chooses where
+their photometric part runs (see docs/data_pipeline.md).
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 import torch
-from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
-from PIL import ImageFilter
+from PIL import Image
 from torchvision.transforms import v2
 
-from ssl_lib.data.sampling import seeded_rng
+from ssl_lib.data.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SMALL_IMAGE,
+    SPECS,
+    ViewSpec,
+    draw_view,
+    geometric,
+    photometric_pil,
+    spec_for_size,
+)
 from ssl_lib.registry import Registry
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-SMALL_IMAGE = 64
+__all__ = ["AUGMENT_ON", "VIEWS", "MultiView", "ViewPipeline"]
+
+AUGMENT_ON = ("workers", "device")
 
 VIEWS: Registry[Callable[[int], Callable]] = Registry("view pipeline")
 
 
-class PILGaussianBlur:
-    """Gaussian blur with sigma ~ U[lo, hi] applied as PIL's radius (the MoCo v2 / UMBC code)."""
+class ViewPipeline:
+    """One random view of a PIL image at ``size`` x ``size`` px, its parameters drawn from
+    ``rng`` (a fresh ``random.Random()`` when none is given).
 
-    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
-        self.sigma = sigma
-
-    def __call__(self, img):
-        s = torch.empty(1).uniform_(*self.sigma).item()
-        return img.filter(ImageFilter.GaussianBlur(radius=s))
-
-
-def _finish() -> list:
-    return [
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ]
-
-
-@VIEWS.register("weak")
-def weak(size: int) -> v2.Compose:
-    """Random resized crop (scale 0.2-1) and horizontal flip (UMBC ``aug_weak``)."""
-    return v2.Compose(
-        [v2.RandomResizedCrop(size, scale=(0.2, 1.0)), v2.RandomHorizontalFlip(), *_finish()]
-    )
-
-
-@VIEWS.register("strong")
-def strong(size: int) -> v2.Compose:
-    """MoCo v2 aug+: crop 0.2-1, jitter(0.4,0.4,0.4,0.1) p=0.8, gray p=0.2, blur p=0.5, flip.
-
-    The flip comes after the blur, as in the MoCo / UMBC code.
+    ``augment_on="workers"``: the whole view, float32 ``(3, size, size)`` normalised.
+    ``augment_on="device"``: the geometric part only, as ``{"image": uint8 (3, size, size),
+    **photometric parameters}`` (:meth:`~ssl_lib.data.augment.ViewDraw.photometric`), which
+    :func:`~ssl_lib.data.augment.photometric_batch` finishes on the training device.
     """
-    ops: list = [
-        v2.RandomResizedCrop(size, scale=(0.2, 1.0)),
-        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-    ]
-    if size > SMALL_IMAGE:
-        ops.append(v2.RandomApply([PILGaussianBlur((0.1, 2.0))], p=0.5))
-    ops.append(v2.RandomHorizontalFlip())
-    return v2.Compose(ops + _finish())
+
+    def __init__(self, spec: ViewSpec, size: int, augment_on: str = "workers") -> None:
+        if augment_on not in AUGMENT_ON:
+            raise ValueError(f"augment_on must be one of {AUGMENT_ON}, got '{augment_on}'")
+        self.spec = spec_for_size(spec, size)
+        self.size = size
+        self.augment_on = augment_on
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None):
+        draw = draw_view(self.spec, rng or random.Random(), *img.size)
+        crop = geometric(img, draw, self.size)
+        if self.augment_on == "workers":
+            return photometric_pil(crop, draw)
+        return {"image": v2.functional.pil_to_tensor(crop), **draw.photometric()}
 
 
-def _byol_kwargs(size: int) -> dict:
-    kwargs: dict = {"input_size": size, "normalize": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}}
-    if size <= SMALL_IMAGE:
-        kwargs["gaussian_blur"] = 0.0
-    return kwargs
+def _register(name: str) -> None:
+    def build(size: int, augment_on: str = "workers") -> ViewPipeline:
+        return ViewPipeline(SPECS[name], size, augment_on)
+
+    VIEWS.register(name)(build)
 
 
-# lightly's BYOL views equal the BYOL paper's (crop 0.08-1, flip, jitter 0.4/0.4/0.2/0.1 at
-# p=0.8, gray 0.2, blur p=1.0 / 0.1, solarize p=0.0 / 0.2), so they are reused. Barlow Twins
-# uses exactly the same two pipelines (its views A and B).
-@VIEWS.register("byol1")
-def byol1(size: int) -> BYOLView1Transform:
-    """BYOL view 1 (blur always, no solarisation)."""
-    return BYOLView1Transform(**_byol_kwargs(size))
-
-
-@VIEWS.register("byol2")
-def byol2(size: int) -> BYOLView2Transform:
-    """BYOL view 2 (blur p=0.1, solarisation p=0.2)."""
-    return BYOLView2Transform(**_byol_kwargs(size))
-
-
-VIEWS.register("bt_a")(byol1)
-VIEWS.register("bt_b")(byol2)
+for _name in SPECS:
+    _register(_name)
 
 
 @VIEWS.register("eval")
-def eval_transform(size: int) -> v2.Compose:
-    """Resize (size / 0.875) + centre crop; at 64 px and below a plain resize + centre crop."""
+def eval_transform(size: int, augment_on: str = "workers") -> v2.Compose:
+    """Resize (size / 0.875) + centre crop; at 64 px and below a plain resize + centre crop.
+
+    Deterministic: ``augment_on`` is accepted for a uniform signature and changes nothing.
+    """
     resize = size if size <= SMALL_IMAGE else round(size / 0.875)
-    return v2.Compose([v2.Resize(resize), v2.CenterCrop(size), *_finish()])
-
-
-@VIEWS.register("probe")
-def probe_transform(size: int) -> v2.Compose:
-    """Linear-probe training crops: random resized crop (scale 0.08-1) and horizontal flip."""
-    return v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), *_finish()])
+    return v2.Compose(
+        [
+            v2.Resize(resize),
+            v2.CenterCrop(size),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 class MultiView:
     """Applies each pipeline to the same image, returning the list of views."""
 
-    def __init__(self, names: list[str], size: int) -> None:
+    def __init__(self, names: list[str], size: int, augment_on: str = "workers") -> None:
         self.names = list(names)
-        self.transforms = [VIEWS.get(n)(size) for n in names]
+        self.augment_on = augment_on
+        self.transforms = [VIEWS.get(n)(size, augment_on) for n in names]
 
-    def __call__(self, img, seeds: list[int] | None = None) -> list[torch.Tensor]:
-        """The views of ``img``; with ``seeds``, view ``v`` is drawn under ``seeds[v]``."""
+    def __call__(self, img, seeds: list[int] | None = None) -> list:
+        """The views of ``img``; with ``seeds``, view ``v`` draws its parameters from
+        ``random.Random(seeds[v])``."""
         if seeds is None:
             return [t(img) for t in self.transforms]
-        views = []
-        for t, seed in zip(self.transforms, seeds, strict=True):
-            with seeded_rng(seed):
-                views.append(t(img))
-        return views
+        return [
+            t(img, random.Random(seed)) if isinstance(t, ViewPipeline) else t(img)
+            for t, seed in zip(self.transforms, seeds, strict=True)
+        ]
