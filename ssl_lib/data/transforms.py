@@ -28,6 +28,7 @@ from ssl_lib.data.augment import (
     draw_view,
     geometric,
     photometric_pil,
+    pil_as_tensor,
     spec_for_size,
 )
 from ssl_lib.registry import Registry
@@ -58,10 +59,9 @@ class ViewPipeline:
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None):
         draw = draw_view(self.spec, rng or random.Random(), *img.size)
-        crop = geometric(img, draw, self.size)
         if self.augment_on == "workers":
-            return photometric_pil(crop, draw)
-        return {"image": v2.functional.pil_to_tensor(crop), **draw.photometric()}
+            return photometric_pil(geometric(img, draw, self.size), draw)
+        return {"image": geometric(pil_as_tensor(img), draw, self.size), **draw.photometric()}
 
 
 def _register(name: str) -> None:

@@ -19,7 +19,6 @@ from lightly.models.utils import update_momentum
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from ssl_lib.data.augment import SPECS, photometric_batch, spec_for_size
 from ssl_lib.distributed import shuffle_batch, unshuffle_batch, world_size
 from ssl_lib.memory import MemoryBank
 from ssl_lib.methods.nonfinite import NonFiniteGuard, NonFiniteLossError
@@ -283,24 +282,6 @@ class SSLMethod(pl.LightningModule):
         update_momentum(self.backbone, self.target["backbone"], momentum)
         update_momentum(self.projector, self.target["projector"], momentum)
         self.log("train/ema_momentum", momentum)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """With ``data.augment_on: device``, finish the views on the training device.
-
-        The loader workers send each view as uint8 crops with their photometric parameters
-        (drawn from the sample's seed, so a resumed run sees the same views); here the
-        photometric part runs batched (:func:`~ssl_lib.data.augment.photometric_batch`).
-        Batches of finished views pass unchanged.
-        """
-        views = batch[0] if isinstance(batch, (list, tuple)) and batch else None
-        if not isinstance(views, list) or not views or not isinstance(views[0], dict):
-            return batch
-        size = self.cfg.data.image_size
-        finished = []
-        for name, view in zip(self.cfg.data.views, views, strict=True):
-            spec = spec_for_size(SPECS[name], size)
-            finished.append(photometric_batch(view["image"], view, spec))
-        return (finished, *batch[1:])
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         views, labels, index = batch
