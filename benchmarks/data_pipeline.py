@@ -135,7 +135,7 @@ def pipelines(root: str, size: int, batch: int) -> dict[str, Callable[[list[int]
             rows = [crops[i % len(crops)] for i in idx[start : start + batch]]
             for v, spec in enumerate(specs):
                 view = torch.utils.data.default_collate([r[v] for r in rows])
-                photometric_batch(view["image"], view, spec)
+                photometric_batch(view["image"], view["params"], spec)
 
     return {
         "decode": lambda idx: [load_rgb(paths[i]) for i in idx],

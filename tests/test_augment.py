@@ -21,6 +21,7 @@ from torchvision import transforms as T
 from ssl_lib.config import config_from_dict
 from ssl_lib.data import SSLDataModule
 from ssl_lib.data.augment import (
+    NUM_PARAMS,
     SPECS,
     ViewDraw,
     crop_box,
@@ -136,7 +137,7 @@ def test_batched_photometric_equals_the_per_image_pipeline(photometric, mean_tol
     img, draw = _image(3), _draw(**photometric)
     crop = geometric(img, draw, 224)
     worker = photometric_pil(crop, draw)
-    params = {k: v[None] for k, v in draw.photometric().items()}
+    params = draw.photometric()[None]
     device = photometric_batch(
         torch.from_numpy(np.array(crop)).permute(2, 0, 1)[None], params, SPECS["byol2"]
     )[0]
@@ -167,7 +168,7 @@ def test_both_pipelines_give_the_same_output_statistics():
         a = torch.stack([worker(img, [10_000 * v + i])[0] for i in range(200)])
         crops = [device(img, [20_000 * v + i])[0] for i in range(200)]
         batch = torch.utils.data.default_collate(crops)
-        b = photometric_batch(batch["image"], batch, device.transforms[0].spec)
+        b = photometric_batch(batch["image"], batch["params"], device.transforms[0].spec)
         for stat in (lambda x: x.mean((2, 3)), lambda x: x.std((2, 3))):
             sa, sb = stat(a), stat(b)
             for channel in range(3):
@@ -187,11 +188,13 @@ def test_seeded_views_ignore_and_keep_the_global_generators(augment_on):
     torch.manual_seed(1), np.random.seed(1), random.seed(1)
     again = views(img, [7, 8])
     other = views(img, [7, 9])
-    key = (lambda v: v["image"]) if augment_on == "device" else (lambda v: v)
-    assert all(torch.equal(key(x), key(y)) for x, y in zip(first, again, strict=True))
-    assert torch.equal(key(first[0]), key(other[0])) and not torch.equal(
-        key(first[1]), key(other[1])
-    )
+    if augment_on == "device":  # the crops and the drawn photometric parameters
+        first, again, other = (
+            [torch.cat([v["image"].flatten(), v["params"]]) for v in views_]
+            for views_ in (first, again, other)
+        )
+    assert all(torch.equal(x, y) for x, y in zip(first, again, strict=True))
+    assert torch.equal(first[0], other[0]) and not torch.equal(first[1], other[1])
 
 
 def test_augment_on_is_checked():
@@ -203,7 +206,7 @@ def test_device_batches_are_finished_by_the_data_module(make_config):
     cfg = make_config("byol", ["data.augment_on=device", "data.views=[strong,byol2]"])
     dm = SSLDataModule(cfg.data, seed=3)
     views, labels, index = next(iter(dm.train_dataloader()))
-    assert views[0]["image"].dtype == torch.uint8 and views[1]["solarize"].dtype == torch.bool
+    assert views[0]["image"].dtype == torch.uint8 and views[1]["params"].shape == (16, NUM_PARAMS)
     finished, labels2, index2 = dm.on_after_batch_transfer((views, labels, index), 0)
     assert [v.shape for v in finished] == [(16, 3, 32, 32)] * 2
     assert finished[0].dtype == torch.float32 and torch.equal(index, index2)

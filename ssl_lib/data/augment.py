@@ -42,6 +42,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SMALL_IMAGE = 64  # at this size and below Gaussian blur is off (it destroys 32 px images)
 SOLARIZE_THRESHOLD = 128  # of 255: PIL's ImageOps.solarize default, as BYOL's 0.5
 NO_ORDER = (0, 1, 2, 3)  # brightness, contrast, saturation, hue
+# columns of ViewDraw.photometric()
+JITTER, ORDER, FACTORS, GRAY, BLUR, SIGMA, SOLARIZE = 0, slice(1, 5), slice(5, 9), 9, 10, 11, 12
+NUM_PARAMS = 13
 
 
 @dataclass(frozen=True)
@@ -82,19 +85,23 @@ class ViewDraw:
     sigma: float = 0.0
     solarize: bool = False
 
-    def photometric(self) -> dict[str, Tensor]:
-        """The photometric parameters as tensors (what a loader worker sends to the device):
-        ``jitter``, ``gray``, ``blur``, ``solarize`` bool ``()``; ``order`` int64 ``(4,)``;
-        ``factors`` float32 ``(4,)``; ``sigma`` float32 ``()``."""
-        return {
-            "jitter": torch.tensor(self.jitter),
-            "order": torch.tensor(self.order),
-            "factors": torch.tensor(self.factors, dtype=torch.float32),
-            "gray": torch.tensor(self.gray),
-            "blur": torch.tensor(self.blur),
-            "sigma": torch.tensor(self.sigma, dtype=torch.float32),
-            "solarize": torch.tensor(self.solarize),
-        }
+    def photometric(self) -> Tensor:
+        """The photometric parameters as one float32 vector of ``NUM_PARAMS`` values (what a
+        loader worker sends to the device): 0/1 flags at ``JITTER``, ``GRAY``, ``BLUR``,
+        ``SOLARIZE``, the jitter order at ``ORDER``, its factors at ``FACTORS``, the blur's
+        sigma at ``SIGMA``. One tensor per view keeps the worker's cost per sample low."""
+        return torch.tensor(
+            [
+                self.jitter,
+                *self.order,
+                *self.factors,
+                self.gray,
+                self.blur,
+                self.sigma,
+                self.solarize,
+            ],
+            dtype=torch.float32,
+        )
 
 
 def crop_box(
@@ -220,35 +227,39 @@ def blur_kernel_size(spec: ViewSpec) -> int:
 
 
 @torch.no_grad()
-def photometric_batch(images: Tensor, params: dict[str, Tensor], spec: ViewSpec) -> Tensor:
+@torch.no_grad()
+def photometric_batch(images: Tensor, params: Tensor, spec: ViewSpec) -> Tensor:
     """The photometric part on a batch, each image with its own parameters, then normalisation.
 
-    ``images``: uint8 ``(B, 3, H, W)``; ``params``: :meth:`ViewDraw.photometric` stacked over the
-    batch (on the images' device). Returns float32 ``(B, 3, H, W)``. Each adjustment runs only
-    on the images that draw it, in each image's own jitter order (kornia's ``ColorJitter`` uses
-    one order per batch, torchvision one per image, so kornia's functional ops are called here
-    with the per-image order). Output values are clamped to [0, 1] after every step, as the uint8
-    per-image ops saturate. The blur is a true Gaussian of the drawn sigma (kernel ``+-3 sigma``)
-    where the per-image pipeline uses PIL's box-filter approximation of it.
+    ``images``: uint8 ``(B, 3, H, W)``; ``params``: float32 ``(B, NUM_PARAMS)``, the rows of
+    :meth:`ViewDraw.photometric` (any device; moved to the images'). Returns float32
+    ``(B, 3, H, W)``. Each adjustment runs only on the images that draw it, in each image's own
+    jitter order (kornia's ``ColorJitter`` uses one order per batch, torchvision one per image,
+    so kornia's functional ops are called here with the per-image order). Values are clamped to
+    [0, 1] after every step, as the uint8 per-image ops saturate. The blur is a true Gaussian of
+    the drawn sigma (kernel +-3 sigma) where the per-image pipeline uses PIL's box-filter
+    approximation of it.
     """
+    params = params.to(images.device)
     x = images.float().div_(255)
-    jitter = params["jitter"]
+    jitter = params[:, JITTER] > 0
     if bool(jitter.any()):
+        order = params[:, ORDER].long()
+        factors = params[:, FACTORS]
         for position in range(4):
             for op, adjust in enumerate(_BATCH_JITTER):
-                rows = torch.nonzero(jitter & (params["order"][:, position] == op)).flatten()
+                rows = torch.nonzero(jitter & (order[:, position] == op)).flatten()
                 if rows.numel():
-                    factor = params["factors"][rows, op]
-                    x[rows] = adjust(x[rows], factor).clamp_(0, 1)
-    rows = torch.nonzero(params["gray"]).flatten()
+                    x[rows] = adjust(x[rows], factors[rows, op].to(x.dtype)).clamp_(0, 1)
+    rows = torch.nonzero(params[:, GRAY] > 0).flatten()
     if rows.numel():
         x[rows] = kornia.color.rgb_to_grayscale(x[rows]).expand(-1, 3, -1, -1)
-    rows = torch.nonzero(params["blur"]).flatten()
+    rows = torch.nonzero(params[:, BLUR] > 0).flatten()
     if rows.numel():
-        sigma = params["sigma"][rows].to(x.dtype)[:, None].expand(-1, 2)
+        sigma = params[rows, SIGMA].to(x.dtype)[:, None].expand(-1, 2)
         k = blur_kernel_size(spec)
         x[rows] = kornia.filters.gaussian_blur2d(x[rows], (k, k), sigma).clamp_(0, 1)
-    rows = torch.nonzero(params["solarize"]).flatten()
+    rows = torch.nonzero(params[:, SOLARIZE] > 0).flatten()
     if rows.numel():
         sub = x[rows]
         x[rows] = torch.where(sub >= SOLARIZE_THRESHOLD / 255, 1 - sub, sub)

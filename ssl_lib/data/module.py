@@ -187,7 +187,7 @@ class SSLDataModule(pl.LightningDataModule):
             return batch
         specs = [spec_for_size(SPECS[name], self.cfg.image_size) for name in self.cfg.views]
         finished = [
-            photometric_batch(view["image"], view, spec)
+            photometric_batch(view["image"], view["params"], spec)
             for view, spec in zip(views, specs, strict=True)
         ]
         return (finished, *batch[1:])

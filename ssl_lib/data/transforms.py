@@ -41,12 +41,13 @@ VIEWS: Registry[Callable[[int], Callable]] = Registry("view pipeline")
 
 
 class ViewPipeline:
-    """One random view of a PIL image at ``size`` x ``size`` px, its parameters drawn from
-    ``rng`` (a fresh ``random.Random()`` when none is given).
+    """One random view at ``size`` x ``size`` px, its parameters drawn from ``rng`` (a fresh
+    ``random.Random()`` when none is given).
 
-    ``augment_on="workers"``: the whole view, float32 ``(3, size, size)`` normalised.
-    ``augment_on="device"``: the geometric part only, as ``{"image": uint8 (3, size, size),
-    **photometric parameters}`` (:meth:`~ssl_lib.data.augment.ViewDraw.photometric`), which
+    ``augment_on="workers"``: the whole view of a PIL image, float32 ``(3, size, size)``
+    normalised. ``augment_on="device"``: the geometric part only, of a PIL image or a uint8
+    ``(3, H, W)`` tensor, as ``{"image": uint8 (3, size, size), "params": float32
+    (NUM_PARAMS,)}`` (:meth:`~ssl_lib.data.augment.ViewDraw.photometric`), which
     :func:`~ssl_lib.data.augment.photometric_batch` finishes on the training device.
     """
 
@@ -57,11 +58,14 @@ class ViewPipeline:
         self.size = size
         self.augment_on = augment_on
 
-    def __call__(self, img: Image.Image, rng: random.Random | None = None):
-        draw = draw_view(self.spec, rng or random.Random(), *img.size)
+    def __call__(self, img: Image.Image | torch.Tensor, rng: random.Random | None = None):
+        rng = rng or random.Random()
         if self.augment_on == "workers":
+            draw = draw_view(self.spec, rng, *img.size)
             return photometric_pil(geometric(img, draw, self.size), draw)
-        return {"image": geometric(pil_as_tensor(img), draw, self.size), **draw.photometric()}
+        pixels = img if isinstance(img, torch.Tensor) else pil_as_tensor(img)
+        draw = draw_view(self.spec, rng, pixels.shape[-1], pixels.shape[-2])
+        return {"image": geometric(pixels, draw, self.size), "params": draw.photometric()}
 
 
 def _register(name: str) -> None:
@@ -104,6 +108,8 @@ class MultiView:
     def __call__(self, img, seeds: list[int] | None = None) -> list:
         """The views of ``img``; with ``seeds``, view ``v`` draws its parameters from
         ``random.Random(seeds[v])``."""
+        if self.augment_on == "device":  # one pixel tensor shared by all views
+            img = pil_as_tensor(img)
         if seeds is None:
             return [t(img) for t in self.transforms]
         return [
