@@ -197,6 +197,16 @@ def test_seeded_views_ignore_and_keep_the_global_generators(augment_on):
     assert torch.equal(first[0], other[0]) and not torch.equal(first[1], other[1])
 
 
+def test_unseeded_views_repeat_under_the_global_torch_seed():
+    """Without a seed (evaluation loaders), a view draws from the global torch RNG, as
+    torchvision's transforms do, so ``seed_everything`` makes a run repeatable."""
+    img, probe = _image(7, (40, 40)), MultiView(["probe"], 32)
+    torch.manual_seed(0)
+    first = probe(img)[0]
+    torch.manual_seed(0)
+    assert torch.equal(first, probe(img)[0]) and not torch.equal(first, probe(img)[0])
+
+
 def test_augment_on_is_checked():
     with pytest.raises(ConfigError, match="augment_on.*'gpu'.*workers"):
         config_from_dict(tiny_config(), ["data.augment_on=gpu"])

@@ -41,8 +41,10 @@ VIEWS: Registry[Callable[[int], Callable]] = Registry("view pipeline")
 
 
 class ViewPipeline:
-    """One random view at ``size`` x ``size`` px, its parameters drawn from ``rng`` (a fresh
-    ``random.Random()`` when none is given).
+    """One random view at ``size`` x ``size`` px, its parameters drawn from ``rng``; without
+    one, from a ``random.Random`` seeded from the global torch RNG, which torchvision's
+    transforms read too (so ``seed_everything`` and the loader's worker seeding still make runs
+    repeatable).
 
     ``augment_on="workers"``: the whole view of a PIL image, float32 ``(3, size, size)``
     normalised. ``augment_on="device"``: the geometric part only, of a PIL image or a uint8
@@ -59,7 +61,7 @@ class ViewPipeline:
         self.augment_on = augment_on
 
     def __call__(self, img: Image.Image | torch.Tensor, rng: random.Random | None = None):
-        rng = rng or random.Random()
+        rng = rng or random.Random(int(torch.randint(1 << 62, ())))
         if self.augment_on == "workers":
             draw = draw_view(self.spec, rng, *img.size)
             return photometric_pil(geometric(img, draw, self.size), draw)
