@@ -1,23 +1,24 @@
-"""View augmentations with explicit random parameters: drawn per view from one seeded stream,
-applied per image (loader workers) or batched on the training device.
+"""View augmentations with explicit random parameters, drawn per view from one seeded stream,
+for ``data.augment_on: device``: the loader workers crop and flip, the training device runs the
+photometric part batched.
 
 A view is a :class:`ViewSpec`: a geometric part (random resized crop, horizontal flip) and a
-photometric part (colour jitter, grayscale, Gaussian blur, solarisation, normalisation).
+photometric part (colour jitter, grayscale, Gaussian blur, solarisation, normalisation), the
+same augmentations as the pipeline of the same name in :mod:`ssl_lib.data.transforms`.
 :func:`draw_view` draws every random parameter of one view from a ``random.Random`` seeded from
 ``(run seed, epoch, index, view)``, so a view is a pure function of those numbers, in any worker
-and after a resume, and the process-wide torch / numpy / ``random`` generators are never touched
-(re-seeding and restoring those three costs about 250 us per view; seeding one ``random.Random``
-about 6 us).
+and after a resume, and no process-wide generator is touched.
 
 The parameters follow torchvision's own sampling exactly (``RandomResizedCrop.get_params``,
 ``ColorJitter``: factors ~ U[max(0, 1 - s), 1 + s], hue ~ U[-h, h], a random order of the four
 adjustments per image; ``RandomApply`` / ``RandomGrayscale`` / ``RandomHorizontalFlip``
 Bernoulli draws). They are redrawn here rather than through torchvision because its samplers
-take no generator: they read the global torch RNG. The ops are torchvision's functional ones
-(per image, on PIL images, as the ``torchvision.transforms`` pipelines of the papers run) and
-kornia's ``kornia.enhance`` / ``kornia.filters`` ones (batched, per-sample factors), which compute
-the same formulas: multiplicative brightness, blends with the grayscale mean (contrast) and the
-grayscale image (saturation), a hue shift in HSV, ITU-R 601 luma, solarisation at 128/255.
+take no generator: they read the global torch RNG. The geometric ops are torchvision's
+functional ones; the photometric ones kornia's ``kornia.enhance`` / ``kornia.filters`` ones
+(batched, per-sample factors), which compute the formulas of torchvision's per-image ops that
+the ``workers`` pipelines run: multiplicative brightness, blends with the grayscale mean
+(contrast) and the grayscale image (saturation), a hue shift in HSV, ITU-R 601 luma,
+solarisation at 128/255.
 
 Moving the flip before the photometric ops (the MoCo order has it after the blur) changes no
 distribution: every photometric op here commutes with a horizontal flip.
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 import kornia
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as F
 
@@ -177,28 +178,6 @@ def pil_as_tensor(img: Image.Image) -> Tensor:
     with warnings.catch_warnings():  # the array is read-only; nothing here writes to it
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
-
-
-_PIL_JITTER = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
-
-
-def photometric_pil(img: Image.Image, draw: ViewDraw) -> Tensor:
-    """The photometric part on one PIL image, then normalisation: float32 ``(3, H, W)``.
-
-    torchvision's functional ops on PIL images, exactly what ``ColorJitter`` /
-    ``RandomGrayscale`` compute; the blur is PIL's ``GaussianBlur(radius=sigma)`` (the MoCo v2
-    and lightly code).
-    """
-    if draw.jitter:
-        for op in draw.order:
-            img = _PIL_JITTER[op](img, draw.factors[op])
-    if draw.gray:
-        img = F.rgb_to_grayscale(img, num_output_channels=3)
-    if draw.blur:
-        img = img.filter(ImageFilter.GaussianBlur(radius=draw.sigma))
-    if draw.solarize:
-        img = F.solarize(img, SOLARIZE_THRESHOLD)
-    return normalize(F.pil_to_tensor(img))
 
 
 def normalize(images: Tensor) -> Tensor:

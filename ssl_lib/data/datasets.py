@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import random
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,9 +19,9 @@ from torchvision.datasets.folder import (
     has_file_allowed_extension,
 )
 
-from ssl_lib.data.sampling import VIEW_STREAM, mix_seed
+from ssl_lib.data.sampling import VIEW_STREAM, mix_seed, seeded_rng
 from ssl_lib.data.synthetic import SyntheticPatterns
-from ssl_lib.data.transforms import MultiView, ViewPipeline
+from ssl_lib.data.transforms import MultiView
 
 # PIL's default decompression-bomb limit (1024 * 1024 * 1024 // 4 // 3 pixels).
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
@@ -366,10 +365,9 @@ class IndexedDataset(Dataset):
 
     ``index`` is the position in this dataset: memory banks and per-image caches key on it.
     A key may also be ``(epoch, index)`` (what :class:`~ssl_lib.data.sampling.EpochSampler`
-    yields): a :class:`~ssl_lib.data.transforms.ViewPipeline` (each view of a
-    :class:`~ssl_lib.data.transforms.MultiView`) then draws its random parameters from a seed
-    drawn from ``(seed, epoch, index[, view])``, so the views are the same in any worker process
-    and after a resume; other transforms are called as they are (they must be deterministic).
+    yields): the random transform then runs under a seed drawn from ``(seed, epoch, index)``
+    (one per view for a :class:`~ssl_lib.data.transforms.MultiView`), so the views are the same
+    in any worker process and after a resume.
     """
 
     def __init__(self, base: Dataset, transform: Callable, seed: int = 0) -> None:
@@ -395,10 +393,8 @@ class IndexedDataset(Dataset):
                 for v in range(len(self.transform.transforms))
             ]
             return self.transform(img, seeds=seeds)
-        if isinstance(self.transform, ViewPipeline):
-            rng = random.Random(mix_seed(self.seed, VIEW_STREAM, epoch, index))
-            return self.transform(img, rng)
-        return self.transform(img)
+        with seeded_rng(mix_seed(self.seed, VIEW_STREAM, epoch, index)):
+            return self.transform(img)
 
     @property
     def targets(self) -> list[int]:
