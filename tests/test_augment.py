@@ -221,6 +221,23 @@ def test_seeded_views_ignore_and_keep_the_global_generators(augment_on):
     assert torch.equal(first[0], other[0]) and not torch.equal(first[1], other[1])
 
 
+@pytest.mark.parametrize("names", [["strong", "weak"], ["byol1", "byol2"]])
+def test_cheap_seeding_gives_the_views_of_full_reseeding(names):
+    """Seeding only the generators a pipeline reads gives the views that re-seeding torch
+    (``torch.manual_seed``), numpy and ``random`` gave."""
+    img, views = _image(8, (120, 90)), MultiView(names, 96)
+    seeds = [11, 12]
+    cheap = views(img, seeds)
+    with torch.random.fork_rng():
+        state = np.random.get_state()
+        full = []
+        for t, seed in zip(views.transforms, seeds, strict=True):
+            torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+            full.append(t(img))
+        np.random.set_state(state)
+    assert all(torch.equal(a, b) for a, b in zip(cheap, full, strict=True))
+
+
 def test_unseeded_views_repeat_under_the_global_torch_seed():
     """Without a seed (evaluation loaders), a view draws from the global torch RNG, as
     torchvision's transforms do, so ``seed_everything`` makes a run repeatable."""
