@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ssl_lib.data.transforms import VIEWS
+from ssl_lib.data.transforms import AUGMENT_ON, VIEWS
 from ssl_lib.models.backbones import BACKBONES, image_size_problem
 from ssl_lib.models.heads import MLPConfig
 
@@ -184,10 +184,14 @@ class DataConfig(Section):
     ``extra_roots``: further folders where ``file_list`` looks for a relative path not found
     under ``root`` (absolute paths in a list are used as they are).
     ``poison``: poison the training images on the fly (:class:`PoisonSpec`; docs/backdoor.md).
+    ``augment_on``: where the photometric part of the views runs: ``workers`` (per image in the
+    loader workers) or ``device`` (batched on the training device; the workers crop and flip);
+    see docs/data_pipeline.md.
     """
 
     CHOICES: ClassVar[dict[str, Sequence[str]]] = {
-        "dataset": ("synthetic", "image_folder", "file_list", "cifar10", "cifar100")
+        "dataset": ("synthetic", "image_folder", "file_list", "cifar10", "cifar100"),
+        "augment_on": AUGMENT_ON,
     }
 
     dataset: str = "synthetic"
@@ -207,6 +211,7 @@ class DataConfig(Section):
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     extra_roots: list[str] = field(default_factory=list)
     poison: PoisonSpec | None = None
+    augment_on: str = "workers"
 
     def check(self) -> None:
         super().check()

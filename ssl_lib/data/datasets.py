@@ -76,7 +76,7 @@ def load_rgb(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Im
         arr = np.asarray(img, dtype=np.float64)
         hi = arr.max() or 1.0
         img = Image.fromarray((arr / hi * 255.0).astype("uint8"))
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() copies even RGB
 
 
 class ImageList(Dataset):

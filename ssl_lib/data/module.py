@@ -10,6 +10,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from ssl_lib.backdoor.poison import PoisonedDataset
+from ssl_lib.data.augment import SPECS, photometric_batch, spec_for_size
 from ssl_lib.data.datasets import (
     DataError,
     IndexedDataset,
@@ -68,7 +69,7 @@ class SSLDataModule(pl.LightningDataModule):
             if self.cfg.poison is not None:  # on the fly, before any subset is taken
                 base = PoisonedDataset(base, self.cfg.poison)
             base = subsample(base, self.cfg.max_samples, self.seed)
-            views = MultiView(self.cfg.views, self.cfg.image_size)
+            views = MultiView(self.cfg.views, self.cfg.image_size, self.cfg.augment_on)
             self.train_set = IndexedDataset(base, views, self.seed)
         return self.train_set
 
@@ -176,6 +177,24 @@ class SSLDataModule(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
         return self._loader
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``data.augment_on: device``, finish the views on the training device.
+
+        The loader workers send each view as uint8 crops with their photometric parameters
+        (drawn from the sample's seed, so a resumed run sees the same views); here the
+        photometric part runs batched (:func:`~ssl_lib.data.augment.photometric_batch`).
+        Batches of finished views pass unchanged.
+        """
+        views = batch[0] if isinstance(batch, (list, tuple)) and batch else None
+        if not isinstance(views, list) or not views or not isinstance(views[0], dict):
+            return batch
+        specs = [spec_for_size(SPECS[name], self.cfg.image_size) for name in self.cfg.views]
+        finished = [
+            photometric_batch(view["image"], view["params"], spec)
+            for view, spec in zip(views, specs, strict=True)
+        ]
+        return (finished, *batch[1:])
 
     def position(self) -> dict[str, Any]:
         """Where training is in the data: epoch, batches consumed, and the order's settings."""

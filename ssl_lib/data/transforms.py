@@ -4,25 +4,44 @@ ImageNet, 32 px for CIFAR).
 
 At 64 px and below Gaussian blur is disabled (it destroys 32 px images; the CIFAR recipes of
 the peer libraries do the same) and the evaluation transform does not resize.
+
+``data.augment_on`` chooses where the views are made (see docs/data_pipeline.md): ``workers``
+runs these torchvision / lightly pipelines per image; ``device`` runs a
+:class:`ViewPipeline` over the same augmentations' :class:`~ssl_lib.data.augment.ViewSpec`,
+whose photometric part finishes batched on the training device.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 import torch
 from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
-from PIL import ImageFilter
+from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 
+from ssl_lib.data.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SMALL_IMAGE,
+    SPECS,
+    ViewSpec,
+    draw_view,
+    geometric,
+    pil_as_tensor,
+    spec_for_size,
+)
 from ssl_lib.data.sampling import seeded_rng
 from ssl_lib.registry import Registry
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-SMALL_IMAGE = 64
+__all__ = ["AUGMENT_ON", "VIEWS", "MultiView", "ViewPipeline"]
+
+AUGMENT_ON = ("workers", "device")
 
 VIEWS: Registry[Callable[[int], Callable]] = Registry("view pipeline")
+#: pipelines whose transforms read numpy's global generator (lightly's blur and solarisation)
+USES_NUMPY = {"byol1", "byol2", "bt_a", "bt_b"}
 
 
 class PILGaussianBlur:
@@ -119,19 +138,59 @@ def probe_transform(size: int) -> v2.Compose:
     return v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), *_finish()])
 
 
+class ViewPipeline:
+    """The loader-worker part of one view for ``data.augment_on: device``: all the view's random
+    parameters drawn from ``rng`` (without one, from a ``random.Random`` seeded from the global
+    torch RNG, which torchvision's transforms read too), then crop, resize and flip.
+
+    Takes a PIL image or a uint8 ``(3, H, W)`` tensor; returns ``{"image": uint8 (3, size,
+    size), "params": float32 (NUM_PARAMS,)}`` (:meth:`~ssl_lib.data.augment.ViewDraw.photometric`),
+    which :func:`~ssl_lib.data.augment.photometric_batch` finishes on the training device.
+    """
+
+    def __init__(self, spec: ViewSpec, size: int) -> None:
+        self.spec = spec_for_size(spec, size)
+        self.size = size
+
+    def __call__(self, img: Image.Image | torch.Tensor, rng: random.Random | None = None) -> dict:
+        rng = rng or random.Random(int(torch.randint(1 << 62, ())))
+        pixels = img if isinstance(img, torch.Tensor) else pil_as_tensor(img)
+        draw = draw_view(self.spec, rng, pixels.shape[-1], pixels.shape[-2])
+        return {"image": geometric(pixels, draw, self.size), "params": draw.photometric()}
+
+
 class MultiView:
-    """Applies each pipeline to the same image, returning the list of views."""
+    """Applies each pipeline to the same image, returning the list of views.
 
-    def __init__(self, names: list[str], size: int) -> None:
+    ``augment_on="workers"``: the pipelines of :data:`VIEWS`, float32 ``(3, size, size)``
+    views. ``"device"``: a :class:`ViewPipeline` per view (each name must be in
+    :data:`~ssl_lib.data.augment.SPECS`).
+    """
+
+    def __init__(self, names: list[str], size: int, augment_on: str = "workers") -> None:
+        if augment_on not in AUGMENT_ON:
+            raise ValueError(f"augment_on must be one of {AUGMENT_ON}, got '{augment_on}'")
         self.names = list(names)
-        self.transforms = [VIEWS.get(n)(size) for n in names]
+        self.augment_on = augment_on
+        if augment_on == "device":
+            self.transforms: list = [ViewPipeline(SPECS[n], size) for n in names]
+        else:
+            self.transforms = [VIEWS.get(n)(size) for n in names]
 
-    def __call__(self, img, seeds: list[int] | None = None) -> list[torch.Tensor]:
+    def __call__(self, img, seeds: list[int] | None = None) -> list:
         """The views of ``img``; with ``seeds``, view ``v`` is drawn under ``seeds[v]``."""
+        if self.augment_on == "device":
+            pixels = pil_as_tensor(img)  # one pixel tensor shared by all views
+            if seeds is None:
+                return [t(pixels) for t in self.transforms]
+            return [
+                t(pixels, random.Random(seed))
+                for t, seed in zip(self.transforms, seeds, strict=True)
+            ]
         if seeds is None:
             return [t(img) for t in self.transforms]
         views = []
-        for t, seed in zip(self.transforms, seeds, strict=True):
-            with seeded_rng(seed):
+        for name, t, seed in zip(self.names, self.transforms, seeds, strict=True):
+            with seeded_rng(seed, numpy=name in USES_NUMPY):
                 views.append(t(img))
         return views
