@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ssl_lib.data.augment import SPECS
+from ssl_lib.data.dali import DALI_MISSING, dali_available
 from ssl_lib.data.transforms import AUGMENT_ON, VIEWS
 from ssl_lib.models.backbones import BACKBONES, image_size_problem
 from ssl_lib.models.heads import MLPConfig
@@ -187,11 +189,15 @@ class DataConfig(Section):
     ``augment_on``: where the photometric part of the views runs: ``workers`` (per image in the
     loader workers) or ``device`` (batched on the training device; the workers crop and flip);
     see docs/data_pipeline.md.
+    ``loader``: who reads, decodes and crops the training images: ``torch`` (DataLoader
+    workers) or ``dali`` (NVIDIA DALI, ``pip install ssl_lib[dali]``; image files only, with
+    ``augment_on: device``); see docs/data_pipeline.md.
     """
 
     CHOICES: ClassVar[dict[str, Sequence[str]]] = {
         "dataset": ("synthetic", "image_folder", "file_list", "cifar10", "cifar100"),
         "augment_on": AUGMENT_ON,
+        "loader": ("torch", "dali"),
     }
 
     dataset: str = "synthetic"
@@ -212,11 +218,40 @@ class DataConfig(Section):
     extra_roots: list[str] = field(default_factory=list)
     poison: PoisonSpec | None = None
     augment_on: str = "workers"
+    loader: str = "torch"
 
     def check(self) -> None:
         super().check()
         for name in self.views:
             require_registered("views", VIEWS, name)
+        if self.loader == "dali":
+            self._check_dali()
+
+    def _check_dali(self) -> None:
+        require(
+            self.dataset in ("image_folder", "file_list"),
+            ("loader", "dataset"),
+            f"dali reads image files: it needs data.dataset image_folder or file_list, not "
+            f"'{self.dataset}'",
+        )
+        require(
+            self.augment_on == "device",
+            ("loader", "augment_on"),
+            "dali crops and flips; the photometric part runs on the device: set "
+            "data.augment_on=device",
+        )
+        require(
+            self.poison is None,
+            ("loader", "poison"),
+            "dali reads the image files as they are: data.poison needs data.loader=torch",
+        )
+        missing = [name for name in self.views if name not in SPECS]
+        require(
+            not missing,
+            ("loader", "views"),
+            f"dali makes only the views {sorted(SPECS)}, not {missing}",
+        )
+        require(dali_available(), "loader", DALI_MISSING)
 
 
 @dataclass

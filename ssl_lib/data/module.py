@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from ssl_lib.backdoor.poison import PoisonedDataset
 from ssl_lib.data.augment import SPECS, photometric_batch, spec_for_size
+from ssl_lib.data.dali import DaliLoader
 from ssl_lib.data.datasets import (
     DataError,
     IndexedDataset,
@@ -128,7 +129,7 @@ class SSLDataModule(pl.LightningDataModule):
             )
         self.labelled_mask()
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DaliLoader:
         """A resumable loader: order and augmentations are functions of the run seed.
 
         Each process reads its share of a per-epoch permutation (:class:`EpochSampler`, so the
@@ -165,6 +166,9 @@ class SSLDataModule(pl.LightningDataModule):
             self._restored = None
         elif trainer is not None:
             sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+        if self.cfg.loader == "dali":
+            self._loader = self._dali_loader(ds, sampler, batch)
+            return self._loader
         self._loader = ResumableDataLoader(
             ds,
             sampler,
@@ -177,6 +181,22 @@ class SSLDataModule(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
         return self._loader
+
+    def _dali_loader(self, ds: IndexedDataset, sampler: EpochSampler, batch: int) -> DaliLoader:
+        """``data.loader: dali``: DALI decodes and crops on the training GPU (on the CPU when
+        training runs there)."""
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        return DaliLoader(
+            ds,
+            sampler,
+            self.position,
+            self.cfg.views,
+            self.cfg.image_size,
+            batch,
+            num_threads=self.cfg.num_workers,
+            device_id=device.index if device is not None and device.type == "cuda" else None,
+            max_image_pixels=self.cfg.max_image_pixels,
+        )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """With ``data.augment_on: device``, finish the views on the training device.
