@@ -1,6 +1,7 @@
 """Does the patch-trigger backdoor take at CPU scale? A poisoned pretraining against a clean one.
 
-On a class-balanced CIFAR-10 subset (links into ``--data``, nothing copied) this
+On a class-balanced CIFAR-10 subset (links into ``--data``, nothing copied; ``--classes`` keeps
+some classes only) this
 
 1. poisons ``--rate`` of the target class with a ``--width`` px procedural trigger
    (``ssl-lib poison make`` through :func:`ssl_lib.backdoor.make.make_poison`);
@@ -9,13 +10,21 @@ On a class-balanced CIFAR-10 subset (links into ``--data``, nothing copied) this
 3. distils the poisoned model into a fresh student with CompRess on a clean subset (the
    ``cifar10/compress_defence`` recipe; :func:`defence`);
 4. runs ``ssl-lib eval backdoor`` (:func:`ssl_lib.backdoor.evaluate.run_backdoor`) on every
-   checkpoint: the cached UMBC linear probe and a 20-NN probe, both trained on the clean
+   checkpoint: the cached UMBC linear probe and a ``--knn-k``-NN probe, both trained on the clean
    subset, scored on the clean and the patched test images;
 
 and prints one Markdown table (clean acc, patched acc, FP of the target on clean and patched
 images, ASR, NFP). Figures and commands are recorded in benchmarks/README.md. Run::
 
     python benchmarks/backdoor_cpu.py --json backdoor_cpu.json
+
+The setting at which the attack takes on a 2-core CPU (about 10 minutes)::
+
+    python benchmarks/backdoor_cpu.py --recipe cifar10/msf --backbone tiny_cnn --epochs 30 \\
+        --train-per-class 150 --test-per-class 100 \\
+        --classes airplane automobile cat ship truck --batch-size 64 --rate 1.0 --width 16 \\
+        --knn-k 5 --train-overrides method.bank_size=512 --defence-fraction 0.5 \\
+        --defence-bank 256
 """
 
 from __future__ import annotations
