@@ -67,7 +67,7 @@ def link_subset(
 
 
 def defence(checkpoint: Path, train_root: Path, args, work: Path) -> Path:
-    """The distillation defence (Saha et al., CVPR 2022, Sec. 6): the ``cifar10/compress_defence``
+    """The distillation defence (Saha et al., CVPR 2022): the ``cifar10/compress_defence``
     recipe distils ``checkpoint`` (the suspect teacher's backbone) into a fresh student with
     CompRess-2q on a seeded, class-balanced ``--defence-fraction`` of the clean training images
     (``ssl-lib data subset``), with a bank of ``--defence-bank`` anchors (smaller than the
