@@ -1,20 +1,30 @@
 """Does the patch-trigger backdoor take at CPU scale? A poisoned pretraining against a clean one.
 
-On a class-balanced CIFAR-10 subset (links into ``--data``, nothing copied) this
+On a class-balanced CIFAR-10 subset (links into ``--data``, nothing copied; ``--classes`` keeps
+some classes only) this
 
 1. poisons ``--rate`` of the target class with a ``--width`` px procedural trigger
    (``ssl-lib poison make`` through :func:`ssl_lib.backdoor.make.make_poison`);
 2. pretrains the same recipe twice with the same seed: on the poisoned file list, and on the
    clean folder (the control);
-3. [stage 3, "after the distillation defence": not filled in yet -- see :func:`defence`];
+3. distils the poisoned model into a fresh student with CompRess on a clean subset (the
+   ``cifar10/compress_defence`` recipe; :func:`defence`);
 4. runs ``ssl-lib eval backdoor`` (:func:`ssl_lib.backdoor.evaluate.run_backdoor`) on every
-   checkpoint: the cached UMBC linear probe and a 20-NN probe, both trained on the clean
+   checkpoint: the cached UMBC linear probe and a ``--knn-k``-NN probe, both trained on the clean
    subset, scored on the clean and the patched test images;
 
 and prints one Markdown table (clean acc, patched acc, FP of the target on clean and patched
 images, ASR, NFP). Figures and commands are recorded in benchmarks/README.md. Run::
 
     python benchmarks/backdoor_cpu.py --json backdoor_cpu.json
+
+The setting at which the attack takes on a 2-core CPU (about 10 minutes)::
+
+    python benchmarks/backdoor_cpu.py --recipe cifar10/msf --backbone tiny_cnn --epochs 30 \\
+        --train-per-class 150 --test-per-class 100 \\
+        --classes airplane automobile cat ship truck --batch-size 64 --rate 1.0 --width 16 \\
+        --knn-k 5 --train-overrides method.bank_size=512 --defence-fraction 0.5 \\
+        --defence-bank 256
 """
 
 from __future__ import annotations
@@ -33,16 +43,21 @@ from ssl_lib.backdoor.config import load_poison_config  # noqa: E402
 from ssl_lib.backdoor.evaluate import run_backdoor  # noqa: E402
 from ssl_lib.backdoor.make import TRAIN_LIST, make_poison  # noqa: E402
 from ssl_lib.config import load_config, load_eval_config  # noqa: E402
+from ssl_lib.data.subsets import write_labelled_subset  # noqa: E402
 from ssl_lib.train import train  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
 
-def link_subset(data: Path, out: Path, per_class: dict[str, int]) -> dict[str, Path]:
-    """``out/<split>/<class>/<file>`` links to the first ``per_class[split]`` images (sorted)."""
+def link_subset(
+    data: Path, out: Path, per_class: dict[str, int], classes: list[str] | None = None
+) -> dict[str, Path]:
+    """``out/<split>/<class>/<file>`` links to the first ``per_class[split]`` images (sorted) of
+    ``classes`` (default: every class folder)."""
     roots = {}
     for split, count in per_class.items():
-        for cls in sorted(p.name for p in (data / split).iterdir() if p.is_dir()):
+        found = sorted(p.name for p in (data / split).iterdir() if p.is_dir())
+        for cls in classes or found:
             folder = out / split / cls
             folder.mkdir(parents=True)
             for image in sorted((data / split / cls).iterdir())[:count]:
@@ -51,17 +66,28 @@ def link_subset(data: Path, out: Path, per_class: dict[str, int]) -> dict[str, P
     return roots
 
 
-def defence(checkpoint: Path, args, work: Path) -> Path | None:
-    """AFTER THE DISTILLATION DEFENCE -- hook for CompRess (issue 16, item 4).
+def defence(checkpoint: Path, train_root: Path, args, work: Path) -> Path:
+    """The distillation defence (Saha et al., CVPR 2022): the ``cifar10/compress_defence``
+    recipe distils ``checkpoint`` (the suspect teacher's backbone) into a fresh student with
+    CompRess-2q on a seeded, class-balanced ``--defence-fraction`` of the clean training images
+    (``ssl-lib data subset``), with a bank of ``--defence-bank`` anchors (smaller than the
+    subset). Returns the student's last checkpoint."""
+    clean_list = work / "clean_subset.txt"
+    write_labelled_subset(train_root, clean_list, args.defence_fraction, seed=args.seed)
+    overrides = [
+        f"method.teachers.0.path={checkpoint}",
+        f"method.bank_size={args.defence_bank}",
+        f"data.file_list={clean_list}",
+        f"data.root={train_root}",
+        f"trainer.max_epochs={args.defence_epochs}",
+        f"trainer.checkpoint_every_n_epochs={args.defence_epochs}",
+    ]
+    return pretrain("defended", overrides, args, work, recipe="cifar10/compress_defence")
 
-    To be filled in: distil ``checkpoint`` (the teacher) into a fresh student on a clean
-    subset and return the student's checkpoint; it is then evaluated like the others. Returns
-    ``None`` until then, and the table says "not run".
-    """
-    return None
 
-
-def pretrain(name: str, data_overrides: list[str], args, work: Path) -> Path:
+def pretrain(
+    name: str, data_overrides: list[str], args, work: Path, recipe: str | None = None
+) -> Path:
     overrides = [
         f"run.name={name}",
         f"run.output_dir={work / 'runs'}",
@@ -78,14 +104,16 @@ def pretrain(name: str, data_overrides: list[str], args, work: Path) -> Path:
         f"trainer.checkpoint_every_n_epochs={args.epochs}",
         "monitor.knn_every_n_epochs=0",
         "monitor.online_linear=false",
-        *args.train_overrides,
+        *([] if recipe else args.train_overrides),
         *data_overrides,
     ]
-    run = train(load_config(args.recipe, overrides))
+    run = train(load_config(recipe or args.recipe, overrides))
     return Path(run) / "checkpoints" / "last.ckpt"
 
 
-def evaluate(checkpoint: Path, roots: dict[str, Path], poison: Path, work: Path, name: str):
+def evaluate(
+    checkpoint: Path, roots: dict[str, Path], poison: Path, work: Path, name: str, knn_k: int
+):
     common = [
         "data.dataset=image_folder",
         f"data.train_root={roots['train']}",
@@ -99,23 +127,20 @@ def evaluate(checkpoint: Path, roots: dict[str, Path], poison: Path, work: Path,
     out = {}
     for probe, recipe, extra in (
         ("linear", "eval/cifar10_backdoor_linear_umbc", ["linear.protocol=cached"]),
-        ("knn", "eval/backdoor_knn", ["data.image_size=32", "knn.ks=[20]"]),
+        ("knn", "eval/backdoor_knn", ["data.image_size=32", f"knn.ks=[{knn_k}]"]),
     ):
         cfg = load_eval_config(recipe, [*common, *extra, f"output={work / 'eval' / name / probe}"])
         record, _ = run_backdoor(checkpoint, cfg)
-        key = "linear" if probe == "linear" else "knn_k20"
-        out[probe] = record["results"][key]
+        key = "linear" if probe == "linear" else f"knn_k{knn_k}"
+        out[key] = record["results"][key]
     return out
 
 
-def table(rows: dict[str, dict | None]) -> str:
+def table(rows: dict[str, dict]) -> str:
     columns = ["model", "probe", "clean acc", "patched acc", "FP_target clean"]
     columns += ["FP_target patched", "ASR %", "NFP patched"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for model, result in rows.items():
-        if result is None:
-            lines.append(f"| {model} | - | not run | | | | | |")
-            continue
         for probe, r in result.items():
             lines.append(
                 f"| {model} | {probe} | {r['clean_acc']:.1f} | {r['patched_acc']:.1f} | "
@@ -138,16 +163,32 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1.0, help="fraction of the target class")
     parser.add_argument("--width", type=int, default=12, help="trigger side, pixels")
     parser.add_argument("--band", default="[0.0,1.0]", help="placement band, train and val")
+    parser.add_argument("--classes", nargs="*", help="class folders to keep (default: all)")
+    parser.add_argument("--knn-k", type=int, default=20, help="neighbours of the kNN probe")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-overrides", nargs="*", default=[], help="key=value for training")
+    parser.add_argument(
+        "--defence-fraction",
+        type=float,
+        default=0.5,
+        help="share of each class in the clean distillation subset",
+    )
+    parser.add_argument("--defence-bank", type=int, default=256, help="CompRess anchors")
+    parser.add_argument(
+        "--defence-epochs", type=int, default=None, help="distillation epochs (default: --epochs)"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
+    args.defence_epochs = args.defence_epochs or args.epochs
 
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         roots = link_subset(
-            args.data, work / "data", {"train": args.train_per_class, "test": args.test_per_class}
+            args.data,
+            work / "data",
+            {"train": args.train_per_class, "test": args.test_per_class},
+            args.classes,
         )
         poison_cfg = load_poison_config(
             "poison/cifar10_targeted",
@@ -166,7 +207,7 @@ def main() -> None:
         poison, manifest = make_poison(poison_cfg, progress=False)
         rate = manifest["attack"]["rate"]
         timings = {"poison make": time.time() - start}
-        checkpoints: dict[str, Path | None] = {}
+        checkpoints: dict[str, Path] = {}
         t = time.time()
         checkpoints["poisoned"] = pretrain(
             "poisoned",
@@ -184,14 +225,14 @@ def main() -> None:
             "clean", ["data.dataset=image_folder", f"data.root={roots['train']}"], args, work
         )
         timings["pretrain clean"] = time.time() - t
+        t = time.time()
         checkpoints["poisoned + distillation defence"] = defence(
-            checkpoints["poisoned"], args, work
+            checkpoints["poisoned"], roots["train"], args, work
         )
+        timings["distillation defence"] = time.time() - t
         t = time.time()
         rows = {
-            name: None
-            if ckpt is None
-            else evaluate(ckpt, roots, poison, work, name.replace(" ", "_"))
+            name: evaluate(ckpt, roots, poison, work, name.replace(" ", "_"), args.knn_k)
             for name, ckpt in checkpoints.items()
         }
         timings["evaluations"] = time.time() - t
