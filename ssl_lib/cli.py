@@ -243,15 +243,20 @@ def poison_make(recipe: str, overrides: list[str]) -> None:
     print(f"output:       {out}")
 
 
+def _recipe_and_overrides(args: list[str], default: str) -> tuple[str, list[str]]:
+    """``[RECIPE] [key=value ...]``: the recipe (``default`` when the first word is an
+    override) and the overrides."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return default, args
+
+
 def evaluate(protocol: str, checkpoint: str, args: list[str]) -> None:
     """``ssl-lib eval knn|linear|cluster|backdoor CHECKPOINT [RECIPE] [key=value ...]``: table
     and JSON."""
     from ssl_lib.eval.runner import results_table, run_cluster, run_knn, run_linear
 
-    recipe = DEFAULT_EVAL_RECIPES[protocol]
-    if args and "=" not in args[0]:
-        recipe, args = args[0], args[1:]
-    cfg = load_eval_config(recipe, args)
+    cfg = load_eval_config(*_recipe_and_overrides(args, DEFAULT_EVAL_RECIPES[protocol]))
     if protocol == "backdoor":
         from ssl_lib.backdoor.evaluate import backdoor_table, run_backdoor
 
@@ -278,10 +283,7 @@ def evaluate(protocol: str, checkpoint: str, args: list[str]) -> None:
 
 def defend(defence: str, target: str, args: list[str]) -> None:
     """``ssl-lib defend patchsearch CHECKPOINT|filter SEARCH_DIR [RECIPE] [key=value ...]``."""
-    recipe = DEFAULT_DEFEND_RECIPE
-    if args and "=" not in args[0]:
-        recipe, args = args[0], args[1:]
-    cfg = load_defend_config(recipe, args)
+    cfg = load_defend_config(*_recipe_and_overrides(args, DEFAULT_DEFEND_RECIPE))
     if defence == "patchsearch":
         from ssl_lib.defend.patchsearch import run_patchsearch
 

@@ -10,6 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from ssl_lib.cli import main
 from ssl_lib.config import config_from_dict
 
 CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
@@ -98,3 +99,18 @@ def write_tiny_teacher(path: Path, seed: int = 1) -> Path:
 def teacher_override(path: Path) -> str:
     """The ``key=value`` override that makes ``path`` (a tiny_cnn state dict) the only teacher."""
     return f"method.teachers=[{{kind: backbone, arch: tiny_cnn, path: '{path}'}}]"
+
+
+def run_main(*args: str) -> int:
+    """Run ``ssl-lib ARGS`` in this process; returns its exit status."""
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    return exc.value.code
+
+
+def one_line_error(capsys, *args: str) -> str:
+    """``ssl-lib ARGS`` must exit with status 2 and one ``ssl-lib: error:`` line; returns it."""
+    assert run_main(*args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ssl-lib: error:"), lines
+    return lines[0]

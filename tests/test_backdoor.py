@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import one_line_error, run_main
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -27,7 +28,6 @@ from ssl_lib.backdoor.metrics import (
 )
 from ssl_lib.backdoor.poison import PoisonedDataset
 from ssl_lib.backdoor.triggers import trigger_sha256
-from ssl_lib.cli import main
 from ssl_lib.config import ConfigError, config_from_dict
 from ssl_lib.data import DataError, SSLDataModule, file_list, image_folder
 from ssl_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_geometry
@@ -75,19 +75,6 @@ def poison_cfg(train, val, out, *overrides):
 def arr(path_or_img) -> np.ndarray:
     img = path_or_img if isinstance(path_or_img, Image.Image) else Image.open(path_or_img)
     return np.asarray(img.convert("RGB"), dtype=np.int64)
-
-
-def run_main(*args: str) -> int:
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    return exc.value.code
-
-
-def one_line_error(capsys, *args: str) -> str:
-    assert run_main(*args) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ssl-lib: error:"), lines
-    return lines[0]
 
 
 # ------------------------------------------------------------------ metrics

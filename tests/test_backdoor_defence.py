@@ -9,20 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_main
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ssl_lib.cli import main
 from ssl_lib.config import config_from_dict, list_recipes, load_config
 from ssl_lib.methods import build_method, load_method
 
 RECIPES = ["cifar10/compress_defence", "imagenet/compress_defence_in100"]
-
-
-def run_main(*args: str) -> int:
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    return exc.value.code
 
 
 @pytest.fixture

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import one_line_error
 from omegaconf import OmegaConf
 
 import ssl_lib.checkpoints as checkpoints
 from ssl_lib.checkpoints import atomic_save, check_resumable, read_checkpoint
-from ssl_lib.cli import main
 from ssl_lib.methods import build_method
 from ssl_lib.train import train
 
@@ -54,19 +54,6 @@ def test_a_crash_while_training_writes_a_checkpoint_keeps_the_last_one(
     assert read_checkpoint(ckpt)["global_step"] == 1
     check_resumable(ckpt, "byol")  # still a full training checkpoint
     assert [p.name for p in ckpt.parent.iterdir()] == ["last.ckpt"]
-
-
-def run_main(*args: str) -> int:
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    return exc.value.code
-
-
-def one_line_error(capsys, *args: str) -> str:
-    assert run_main(*args) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ssl-lib: error:"), lines
-    return lines[0]
 
 
 @pytest.fixture

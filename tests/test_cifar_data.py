@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torchvision.datasets.cifar as tv_cifar
+from conftest import run_main
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ssl_lib.cli import main
 from ssl_lib.config import DataConfig, load_config, load_eval_config
 from ssl_lib.data import build_base_dataset
 from ssl_lib.data.datasets import DataError
@@ -155,12 +155,6 @@ def test_eval_recipes_read_torchvision_cifar10(fake_cifar10):
     )
     with pytest.raises(DataError, match=r"no complete copy in .*data\.train_root"):
         eval_datasets(missing)
-
-
-def run_main(*args: str) -> int:
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    return exc.value.code
 
 
 def test_cifar_recipe_trains_with_monitor_and_evaluates(fake_cifar10, tmp_path, capsys):

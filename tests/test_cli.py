@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
+from conftest import run_main
 
-from ssl_lib.cli import main
 from ssl_lib.methods import load_method
 
 
@@ -25,12 +25,6 @@ def test_listings():
     out = cli("recipes")
     assert "demo/byol" in out.stdout.split() and "imagenet/byol_asym" in out.stdout.split()
     assert "resnet18_cifar" in cli("backbones").stdout.split()
-
-
-def run_main(*args: str) -> int:
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    return exc.value.code
 
 
 def test_train_on_real_images_then_resume(tmp_path, cifar10_root, capsys):

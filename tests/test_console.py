@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import run_main
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from ssl_lib import console
-from ssl_lib.cli import main
 from ssl_lib.eval.features import extract_features
 from ssl_lib.memory.kmeans import kmeans
 from ssl_lib.report import format_duration
@@ -146,12 +146,6 @@ def test_every_run_writes_its_plots(demo):
         assert colour_pixels(demo["a"] / "plots" / name, BLUE) > 100, name  # a drawn curve
     # no online linear monitor, no curve for it
     assert sorted(p.name for p in (demo["b"] / "plots").iterdir()) == names[:3]
-
-
-def run_main(*args: str) -> int:
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    return exc.value.code
 
 
 def test_plot_overlays_runs_and_runs_lists_them(demo, tmp_path, capsys):

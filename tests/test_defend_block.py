@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import run_main
 from PIL import Image
 from torch import nn
 
@@ -14,7 +15,6 @@ from ssl_lib.backdoor.config import load_poison_config
 from ssl_lib.backdoor.evaluate import load_probe
 from ssl_lib.backdoor.make import make_poison
 from ssl_lib.backdoor.manifest import load_manifest
-from ssl_lib.cli import main
 from ssl_lib.config import config_from_dict
 from ssl_lib.data import VIEWS, image_folder
 from ssl_lib.data.transforms import to_normalized_tensor
@@ -31,12 +31,6 @@ TINY_VIT = [
     "model.predictor.hidden_dim=32",
     "model.predictor.out_dim=16",
 ]
-
-
-def run_main(*args: str) -> int:
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    return exc.value.code
 
 
 def save_init(path, overrides) -> None:

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import one_line_error, run_main
 from PIL import Image
 
-from ssl_lib.cli import main
 from ssl_lib.config import config_from_dict
 from ssl_lib.eval import features
 from ssl_lib.methods import build_method
@@ -28,12 +28,6 @@ TINY = [
     "model.predictor.hidden_dim=32",
     "model.predictor.out_dim=16",
 ]
-
-
-def run_main(*args: str) -> int:
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    return exc.value.code
 
 
 def save_random_init(path, overrides=()) -> None:
@@ -136,13 +130,6 @@ def small_data(tmp_path):
     save_random_init(ckpt)
     common = ["data.image_size=8", "data.num_workers=0", "features.progress_bar=false"]
     return {"train": train, "val": val, "odd": odd, "ckpt": ckpt, "common": common}
-
-
-def one_line_error(capsys, *args: str) -> str:
-    assert run_main(*args) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ssl-lib: error:"), lines
-    return lines[0]
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path, small_data, capsys):

@@ -5,28 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from conftest import tiny_config
+from conftest import one_line_error, run_main, tiny_config
 from torch import nn
 
-from ssl_lib.cli import main
 from ssl_lib.config import config_from_dict
 from ssl_lib.export import staged_resnet_to_torchvision
 from ssl_lib.methods import build_method, load_method
 
 TOL = 1e-5  # max abs difference of float32 features
-
-
-def run_main(*args: str) -> int:
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    return exc.value.code
-
-
-def one_line_error(capsys, *args: str) -> str:
-    assert run_main(*args) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ssl-lib: error:"), lines
-    return lines[0]
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_main
 from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
@@ -16,7 +17,6 @@ from ssl_lib.backdoor.config import load_poison_config
 from ssl_lib.backdoor.evaluate import load_probe
 from ssl_lib.backdoor.make import TRAIN_LIST, make_poison
 from ssl_lib.backdoor.manifest import load_manifest
-from ssl_lib.cli import main
 from ssl_lib.config import ConfigError, config_from_dict
 from ssl_lib.data.datasets import DataError
 from ssl_lib.defend.filter import file_list_lines
@@ -192,12 +192,6 @@ def test_grad_cam_on_a_cnn_and_on_a_vit_against_a_direct_computation():
 
 
 # ------------------------------------------------------------------- the commands
-def run_main(*args: str) -> int:
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    return exc.value.code
-
-
 def save_checkpoint(path, data: dict) -> None:
     torch.manual_seed(0)
     cfg = config_from_dict({"method": {"name": "byol"}, "data": data}, TINY)

@@ -232,22 +232,6 @@ def select_lr(feats: Tensor, labels: Tensor, num_classes: int, cfg, device) -> d
     return {"lr": best, "holdout_top1": scores, "num_fit": len(fit), "num_holdout": len(held)}
 
 
-def fit_cached_probe(
-    train: tuple[Tensor, Tensor],
-    val: tuple[Tensor, Tensor],
-    num_classes: int,
-    cfg,
-    device: torch.device | str = "cpu",
-    progress: bool = False,
-) -> tuple[LinearProbe, dict]:
-    """:func:`linear_cached`, also returning the trained probe (for evaluations that reuse it)."""
-    feats, labels = train
-    selection = select_lr(feats, labels, num_classes, cfg, device)
-    probe, batches = _standardized_setup(feats, labels, num_classes, cfg, device)
-    result = train_and_track(probe, batches, val, num_classes, cfg, selection["lr"], progress)
-    return probe, {**result, "lr": selection["lr"], "lr_selection": selection}
-
-
 def linear_cached(
     train: tuple[Tensor, Tensor],
     val: tuple[Tensor, Tensor],
