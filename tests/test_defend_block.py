@@ -12,12 +12,13 @@ from PIL import Image
 from torch import nn
 
 from ssl_lib.backdoor.config import load_poison_config
-from ssl_lib.backdoor.evaluate import load_probe
+from ssl_lib.backdoor.evaluate import load_probe, save_probe
 from ssl_lib.backdoor.make import make_poison
 from ssl_lib.backdoor.manifest import load_manifest
 from ssl_lib.config import config_from_dict
 from ssl_lib.data import VIEWS, image_folder
 from ssl_lib.data.transforms import to_normalized_tensor
+from ssl_lib.eval.linear import LinearProbe
 from ssl_lib.methods import build_method
 
 pytest.importorskip("timm")
@@ -176,6 +177,9 @@ def test_a_manifest_must_fit_the_data_and_a_probe_the_format(setup, capsys):
     old_format = tmp_path / "old_probe.pt"
     torch.save({"state_dict": {}, "classes": ["ant", "bee", "cat"]}, old_format)
     cases.append(([f"block.probe={old_format}"], "is not a probe file written by ssl-lib eval"))
+    other = tmp_path / "other_probe.pt"  # the right format, classes and width: another model's
+    save_probe(other, LinearProbe(32, 3), ["ant", "bee", "cat"], "backbone", tmp_path / "o.ckpt")
+    cases.append(([f"block.probe={other}"], "was trained on the features of"))
     for extra, message in cases:
         assert run_main("defend", "block", str(ckpt), *by_manifest, *extra) == 2
         err = capsys.readouterr().err.strip()

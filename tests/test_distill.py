@@ -79,7 +79,9 @@ def test_compress_loss_is_kl_of_teacher_to_student_batchmean():
         ls = [z - math.log(sum(math.exp(x) for x in zs)) for z in zs]
         lt = [z - math.log(sum(math.exp(x) for x in zt)) for z in zt]
         total += sum(math.exp(b) * (b - a) for a, b in zip(ls, lt, strict=True))
-    assert float(compress_loss(s, t, bank_s, bank_t, ts, tt)) == pytest.approx(total / 3, rel=1e-4)
+    loss, teacher_sims = compress_loss(s, t, bank_s, bank_t, ts, tt)
+    assert float(loss) == pytest.approx(total / 3, rel=1e-4)
+    assert torch.allclose(teacher_sims, F.normalize(t, dim=1) @ bank_t.T)
 
 
 def test_an_override_sets_one_element_of_the_teacher_list():
@@ -267,3 +269,15 @@ def test_cache_features_then_train_from_the_cache_commands(teacher, tmp_path):
     assert exit_info.value.code == 0
     ckpt = torch.load(tmp_path / "runs" / "test" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 2 and "student_bank.embeddings" in ckpt["state_dict"]
+
+
+def test_a_vit_teacher_is_rebuilt_at_the_size_it_was_trained_at(tmp_path):
+    pytest.importorskip("timm")
+    cfg = config_from_dict(
+        tiny_config("byol", model={"backbone": "vit_micro_p8"}, data={"image_size": 40}),
+        [f"run.output_dir={tmp_path}", "trainer.max_steps=1"],
+    )
+    ckpt = train(cfg) / "checkpoints" / "last.ckpt"
+    spec = TeacherConfig(kind="ssl_lib", path=str(ckpt), part="backbone")
+    teacher = build_teacher(spec)  # at the default 32 px its position embeddings would not fit
+    assert teacher(torch.randn(2, 3, 40, 40), torch.arange(2)).shape == (2, 32)

@@ -162,15 +162,18 @@ def save_probe(
 
 
 def load_probe(
-    path: str | Path, classes: Sequence[str] | None = None, feature_source: str | None = None
+    path: str | Path,
+    classes: Sequence[str] | None = None,
+    feature_source: str | None = None,
+    checkpoint: str | Path | None = None,
 ) -> LinearProbe:
     """The linear probe of a probe file (:func:`save_probe`), in eval mode.
 
     ``path``: the file, or a folder holding ``linear_probe.pt`` (an ``ssl-lib eval backdoor``
     output folder). Its input is ``feature_source`` features of its checkpoint, ``(N, dim)``.
     Raises :class:`CheckpointError` (one line) for a missing or unreadable file, one that is
-    not a probe file, or, when ``classes`` / ``feature_source`` are given, a probe trained on
-    other classes or other features.
+    not a probe file, or, when ``classes`` / ``feature_source`` / ``checkpoint`` are given, a
+    probe trained on other classes, other features or the features of another checkpoint.
     """
     file = Path(path)
     if file.is_dir():
@@ -198,6 +201,11 @@ def load_probe(
         raise CheckpointError(
             f"probe file '{file}' reads features.source={state.get('feature_source')}, this "
             f"needs {feature_source}"
+        )
+    if checkpoint is not None and state.get("checkpoint") != str(Path(checkpoint).resolve()):
+        raise CheckpointError(
+            f"probe file '{file}' was trained on the features of '{state.get('checkpoint')}', "
+            f"not of '{checkpoint}': give that checkpoint, or train a new probe"
         )
     return probe.eval()
 

@@ -206,7 +206,6 @@ def blur_kernel_size(spec: ViewSpec) -> int:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def photometric_batch(images: Tensor, params: Tensor, spec: ViewSpec) -> Tensor:
     """The photometric part on a batch, each image with its own parameters, then normalisation.
 
@@ -219,27 +218,34 @@ def photometric_batch(images: Tensor, params: Tensor, spec: ViewSpec) -> Tensor:
     the drawn sigma (kernel +-3 sigma) where the per-image pipeline uses PIL's box-filter
     approximation of it.
     """
+    # Which images draw which op is decided on a host copy of the parameters: one transfer per
+    # view instead of a device sync for every nonzero() of the loops below.
+    host = params.detach().cpu()
     params = params.to(images.device)
     x = images.float().div_(255)
-    jitter = params[:, JITTER] > 0
-    if bool(jitter.any()):
-        order = params[:, ORDER].long()
-        factors = params[:, FACTORS]
-        for position in range(4):
-            for op, adjust in enumerate(_BATCH_JITTER):
-                rows = torch.nonzero(jitter & (order[:, position] == op)).flatten()
-                if rows.numel():
-                    x[rows] = adjust(x[rows], factors[rows, op].to(x.dtype)).clamp_(0, 1)
-    rows = torch.nonzero(params[:, GRAY] > 0).flatten()
-    if rows.numel():
+
+    def rows_where(mask: Tensor) -> Tensor | None:
+        rows = torch.nonzero(mask).flatten()
+        return rows.to(images.device, non_blocking=True) if rows.numel() else None
+
+    jitter = host[:, JITTER] > 0
+    order = host[:, ORDER].long()
+    factors = params[:, FACTORS]
+    for position in range(4):
+        for op, adjust in enumerate(_BATCH_JITTER):
+            rows = rows_where(jitter & (order[:, position] == op))
+            if rows is not None:
+                x[rows] = adjust(x[rows], factors[rows, op].to(x.dtype)).clamp_(0, 1)
+    rows = rows_where(host[:, GRAY] > 0)
+    if rows is not None:
         x[rows] = kornia.color.rgb_to_grayscale(x[rows]).expand(-1, 3, -1, -1)
-    rows = torch.nonzero(params[:, BLUR] > 0).flatten()
-    if rows.numel():
+    rows = rows_where(host[:, BLUR] > 0)
+    if rows is not None:
         sigma = params[rows, SIGMA].to(x.dtype)[:, None].expand(-1, 2)
         k = blur_kernel_size(spec)
         x[rows] = kornia.filters.gaussian_blur2d(x[rows], (k, k), sigma).clamp_(0, 1)
-    rows = torch.nonzero(params[:, SOLARIZE] > 0).flatten()
-    if rows.numel():
+    rows = rows_where(host[:, SOLARIZE] > 0)
+    if rows is not None:
         sub = x[rows]
         x[rows] = torch.where(sub >= SOLARIZE_THRESHOLD / 255, 1 - sub, sub)
     return normalize(x)

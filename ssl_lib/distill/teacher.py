@@ -246,7 +246,8 @@ def _ssl_lib_network(cfg: Any) -> tuple[nn.Module, dict[str, Tensor], str]:
             f"teacher checkpoint '{path}' (method {config['method']['name']}) keeps no EMA "
             "target: set teacher.part=backbone"
         )
-    backbone = build_backbone(config["model"]["backbone"])
+    # A ViT is built for the size it was trained at (its position embeddings depend on it).
+    backbone = build_backbone(config["model"]["backbone"], image_size=config["data"]["image_size"])
     modules: list[nn.Module] = [backbone]
     if cfg.feature == "projector":
         proj = config["model"].get("projector")

@@ -121,7 +121,7 @@ def _probe(ev: Evaluation, cfg: DictConfig) -> tuple[LinearProbe, str, dict | No
     dim = ev.method.backbone.feat_dim
     path = cfg.block.probe
     if path is not None:
-        probe = load_probe(path, classes, feature_source="backbone")
+        probe = load_probe(path, classes, "backbone", ev.checkpoint)
         if probe.fc.in_features != dim:
             raise CheckpointError(
                 f"block.probe '{path}' reads {probe.fc.in_features}-d features, the backbone "

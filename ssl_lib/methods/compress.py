@@ -54,7 +54,7 @@ def compress_loss(
     teacher_anchors: Tensor,
     student_temperature: float,
     teacher_temperature: float,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """CompRess's ``KL(p_t || p_s)`` (arXiv 2010.14713, Sec. 3, Eq. 3), ``batchmean``.
 
     Args:
@@ -66,13 +66,15 @@ def compress_loss(
         student_temperature, teacher_temperature: T_s and T_t (0.04 in the paper).
 
     ``p_t = softmax(t A_t^T / T_t)``, ``p_s = softmax(s A_s^T / T_s)``; the KL is summed over
-    the anchors and averaged over the batch, in float32. Returns a float32 scalar.
+    the anchors and averaged over the batch, in float32. Returns the float32 scalar loss and the
+    ``(B, K_t)`` teacher similarities ``t A_t^T`` (reused for the bank's neighbour purity).
     """
     s = F.normalize(student.float(), dim=1)
     t = F.normalize(teacher.detach().float(), dim=1)
     student_sims = s @ student_anchors.detach().float().T
     teacher_sims = t @ teacher_anchors.detach().float().T
-    return isd_loss(student_sims, teacher_sims, student_temperature, teacher_temperature)
+    loss = isd_loss(student_sims, teacher_sims, student_temperature, teacher_temperature)
+    return loss, teacher_sims
 
 
 @dataclass
@@ -133,14 +135,16 @@ class CompRess(DistillMethod):
                     "set method.linear_map=true (a Linear student -> teacher) or match the widths"
                 )
         self.bank = self._bank(teacher_dim, self.cfg.run.seed)
-        if m.variant != "1q":
-            self.student_bank = self._bank(student_dim, self.cfg.run.seed + 1)
+        if m.variant != "1q":  # no labels: only the teacher bank's feed the purity monitor
+            self.student_bank = self._bank(student_dim, self.cfg.run.seed + 1, payloads=())
 
-    def _bank(self, dim: int, seed: int) -> MemoryBank:
+    def _bank(self, dim: int, seed: int, payloads: tuple[str, ...] = ("labels",)) -> MemoryBank:
         m = self.cfg.method
         if m.bank_size < 2:
             raise ValueError(f"method.bank_size ({m.bank_size}) must be >= 2")
-        bank = MemoryBank(m.bank_size, dim, dtype=m.bank_dtype, backend=m.search_backend, seed=seed)
+        bank = MemoryBank(
+            m.bank_size, dim, payloads, dtype=m.bank_dtype, backend=m.search_backend, seed=seed
+        )
         if m.bank_init == "uniform_cmc":
             bound = 1.0 / math.sqrt(dim / 3)
             gen = torch.Generator().manual_seed(seed)
@@ -154,7 +158,7 @@ class CompRess(DistillMethod):
         student = F.normalize(self.to_teacher(self.project(student_view)).float(), dim=1)
         teacher = F.normalize(self.teacher_features(teacher_view, index)[0], dim=1)
         student_bank = self.bank if m.variant == "1q" else self.student_bank
-        loss = compress_loss(
+        loss, teacher_sims = compress_loss(
             student,
             teacher,
             student_bank.embeddings,
@@ -163,15 +167,13 @@ class CompRess(DistillMethod):
             m.teacher_temperature,
         )
         with torch.no_grad():
-            top = (teacher @ self.bank.embeddings.float().T).topk(
-                min(PURITY_K, self.bank.size), dim=1
-            )
+            top = teacher_sims.topk(min(PURITY_K, self.bank.size), dim=1)
         extra = neighbour_purity(self.bank, top.indices, labels)
         # Both banks take this batch after the optimiser step: the loss saw them without it.
         self.enqueue_after_step(teacher, labels=labels)
         if m.variant == "2q":
             key = F.normalize(self.target_project(student_view).float(), dim=1)
-            self.enqueue_after_step(key, bank=self.student_bank, labels=labels)
+            self.enqueue_after_step(key, bank=self.student_bank)
         elif m.variant == "2q_nomomentum":
-            self.enqueue_after_step(student, bank=self.student_bank, labels=labels)
+            self.enqueue_after_step(student, bank=self.student_bank)
         return loss, extra

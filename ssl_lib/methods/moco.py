@@ -52,8 +52,9 @@ def icutmix_infonce_loss(
     q = F.normalize(q.float(), dim=1)
     k = F.normalize(k.detach().float(), dim=1)
     logits = torch.cat([q @ k.T, q @ queue.detach().float().T], dim=1) / temperature
-    own = torch.arange(q.shape[0], device=q.device)
-    return lam * F.cross_entropy(logits, own) + (1 - lam) * F.cross_entropy(logits, partner)
+    log_p = logits.log_softmax(dim=1)  # one softmax over batch + queue serves both targets
+    rows = torch.arange(q.shape[0], device=q.device)
+    return -(lam * log_p[rows, rows] + (1 - lam) * log_p[rows, partner]).mean()
 
 
 @dataclass
