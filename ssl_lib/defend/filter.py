@@ -197,7 +197,8 @@ def run_filter(search_dir: str | Path, cfg: DictConfig) -> tuple[dict, Path]:
     manifest = cfg.manifest or record.get("manifest")
     poisoned = poison_truth(data, manifest) if manifest else None
     positives, negatives = scored[: f.val_size], scored[-f.val_size :]
-    excluded = set(order[: int(f.top_p * len(order))]) | set(negatives)
+    # The validation images stay out of training even when top_p excludes fewer than them.
+    excluded = set(order[: int(f.top_p * len(order))]) | set(positives) | set(negatives)
     pool = [i for i in range(len(order)) if i not in excluded]
     if not pool:
         raise ConfigError(
