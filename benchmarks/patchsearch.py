@@ -1,6 +1,6 @@
-"""PatchSearch benchmark: scoring throughput of batched pasting vs one forward per pasted image.
+"""PatchSearch benchmarks: batched scoring throughput, and the full pipeline on a poisoned set.
 
-Stage ``scoring`` (the only one so far): for ``--candidates`` candidate patches, each pasted at
+Stage ``scoring`` (the default): for ``--candidates`` candidate patches, each pasted at
 seeded random places on ``--test-images`` test images, :func:`ssl_lib.defend.patchsearch.
 poison_scores` runs
 
