@@ -66,6 +66,34 @@ def link_subset(
     return roots
 
 
+def poisoned_subset(args, work: Path) -> tuple[dict[str, Path], Path, dict]:
+    """The class-balanced subset (:func:`link_subset` into ``work/data``) and its poisoning
+    (``ssl-lib poison make`` into ``work/poison``) that ``args`` describe. Returns the split
+    roots, the poison folder and its manifest."""
+    roots = link_subset(
+        args.data,
+        work / "data",
+        {"train": args.train_per_class, "test": args.test_per_class},
+        args.classes,
+    )
+    poison_cfg = load_poison_config(
+        "poison/cifar10_targeted",
+        [
+            f"data.train_root={roots['train']}",
+            f"data.val_root={roots['test']}",
+            f"poison.target={args.target}",
+            f"poison.rate={args.rate}",
+            f"poison.trigger.width={args.width}",
+            f"poison.train_band={args.band}",
+            f"poison.val_band={args.band}",
+            f"poison.seed={args.seed}",
+            f"output={work / 'poison'}",
+        ],
+    )
+    poison, manifest = make_poison(poison_cfg, progress=False)
+    return roots, poison, manifest
+
+
 def defence(checkpoint: Path, train_root: Path, args, work: Path) -> Path:
     """The distillation defence (Saha et al., CVPR 2022): the ``cifar10/compress_defence``
     recipe distils ``checkpoint`` (the suspect teacher's backbone) into a fresh student with
@@ -184,27 +212,7 @@ def main() -> None:
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        roots = link_subset(
-            args.data,
-            work / "data",
-            {"train": args.train_per_class, "test": args.test_per_class},
-            args.classes,
-        )
-        poison_cfg = load_poison_config(
-            "poison/cifar10_targeted",
-            [
-                f"data.train_root={roots['train']}",
-                f"data.val_root={roots['test']}",
-                f"poison.target={args.target}",
-                f"poison.rate={args.rate}",
-                f"poison.trigger.width={args.width}",
-                f"poison.train_band={args.band}",
-                f"poison.val_band={args.band}",
-                f"poison.seed={args.seed}",
-                f"output={work / 'poison'}",
-            ],
-        )
-        poison, manifest = make_poison(poison_cfg, progress=False)
+        roots, poison, manifest = poisoned_subset(args, work)
         rate = manifest["attack"]["rate"]
         timings = {"poison make": time.time() - start}
         checkpoints: dict[str, Path] = {}
