@@ -113,6 +113,11 @@ def defence(checkpoint: Path, train_root: Path, args, work: Path) -> Path:
     return pretrain("defended", overrides, args, work, recipe="cifar10/compress_defence")
 
 
+def file_list_data(file_list: Path, root: Path) -> list[str]:
+    """The overrides that train on ``file_list`` (paths relative to ``root``)."""
+    return ["data.dataset=file_list", f"data.file_list={file_list}", f"data.root={root}"]
+
+
 def pretrain(
     name: str, data_overrides: list[str], args, work: Path, recipe: str | None = None
 ) -> Path:
@@ -219,11 +224,7 @@ def main() -> None:
         t = time.time()
         checkpoints["poisoned"] = pretrain(
             "poisoned",
-            [
-                "data.dataset=file_list",
-                f"data.file_list={poison / TRAIN_LIST}",
-                f"data.root={roots['train']}",
-            ],
+            file_list_data(poison / TRAIN_LIST, roots["train"]),
             args,
             work,
         )

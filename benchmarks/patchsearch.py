@@ -52,7 +52,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.backdoor_cpu import DATA, evaluate, poisoned_subset, pretrain, table  # noqa: E402
+from benchmarks.backdoor_cpu import (  # noqa: E402
+    DATA,
+    evaluate,
+    file_list_data,
+    poisoned_subset,
+    pretrain,
+    table,
+)
 from ssl_lib.backdoor.make import TRAIN_LIST  # noqa: E402
 from ssl_lib.backdoor.manifest import MANIFEST_NAME  # noqa: E402
 from ssl_lib.config import load_defend_config  # noqa: E402
@@ -135,11 +142,7 @@ def pipeline(args: argparse.Namespace, work: Path) -> dict:
     if args.checkpoint is None:
         checkpoints["poisoned"] = pretrain(
             "poisoned",
-            [
-                "data.dataset=file_list",
-                f"data.file_list={poison / TRAIN_LIST}",
-                f"data.root={roots['train']}",
-            ],
+            file_list_data(poison / TRAIN_LIST, roots["train"]),
             args,
             work,
         )
@@ -170,12 +173,7 @@ def pipeline(args: argparse.Namespace, work: Path) -> dict:
     mix = [f"method.icutmix.alpha={args.icutmix}"] if args.icutmix else []
     checkpoints["retrained on the filtered list"] = pretrain(
         "filtered",
-        [
-            "data.dataset=file_list",
-            f"data.file_list={filter_dir / 'filtered.txt'}",
-            f"data.root={roots['train']}",
-            *mix,
-        ],
+        [*file_list_data(filter_dir / "filtered.txt", roots["train"]), *mix],
         args,
         work,
     )
